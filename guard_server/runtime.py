@@ -1,0 +1,114 @@
+"""ONNX Runtime sessions for admitted versions, built from bytes (never from user-chosen paths).
+
+Providers are requested in the configured order (TensorRT -> CUDA -> CPU by default), filtered by what
+this onnxruntime build offers; the providers the session actually uses are reported, because ORT falls
+back silently (a missing TensorRT lands on CPU, not CUDA).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+logger = logging.getLogger(__name__)
+
+_ORT_TO_NP = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(double)": np.float64,
+              "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+ORT_TO_OIP = {"tensor(float)": "FP32", "tensor(uint8)": "UINT8", "tensor(double)": "FP64",
+              "tensor(float16)": "FP16", "tensor(int64)": "INT64", "tensor(int32)": "INT32"}
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    ort_type: str
+    shape: list[int]  # -1 for a dynamic dimension
+
+    @property
+    def np_dtype(self) -> type:
+        return _ORT_TO_NP.get(self.ort_type, np.float32)
+
+    @property
+    def oip_datatype(self) -> str:
+        return ORT_TO_OIP.get(self.ort_type, "FP32")
+
+
+def _spec(arg: ort.NodeArg) -> TensorSpec:
+    shape = [d if isinstance(d, int) and d >= 0 else -1 for d in arg.shape]
+    return TensorSpec(arg.name, arg.type, shape)
+
+
+@dataclass
+class LoadedModel:
+    """One admitted version with its session. `run` is thread-safe (ORT sessions are)."""
+
+    name: str
+    version: str
+    sha256: str
+    session: ort.InferenceSession
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    providers: list[str]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def provider(self) -> str:
+        return self.providers[0] if self.providers else ""
+
+    @property
+    def input_chw(self) -> tuple[int, ...]:
+        return tuple(self.inputs[0].shape[1:])
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(None, feeds)
+
+
+def resolve_providers(requested: tuple[str, ...] | list[str]) -> list[str]:
+    """The requested providers this onnxruntime build has, in order; CPU always last as the fallback."""
+    available = set(ort.get_available_providers())
+    chosen = [p for p in requested if p in available]
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+def load_session(name: str, version: str, sha256: str, data: bytes, *, providers: list[str],
+                 cache_dir: Path | None = None, intra_threads: int = 0) -> LoadedModel:
+    """Builds a session from bytes and runs one warm-up inference on zeros.
+
+    Raises:
+        RuntimeError: the session cannot be built or the warm-up fails (the version is then not served).
+    """
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_threads:
+        opts.intra_op_num_threads = intra_threads
+    provider_options: list[dict[str, str]] = []
+    for p in providers:
+        if p == "TensorrtExecutionProvider" and cache_dir is not None:
+            # Engine caches are keyed by the model's sha256 so a different model never reuses one.
+            d = cache_dir / sha256
+            d.mkdir(parents=True, exist_ok=True)
+            provider_options.append({"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(d),
+                                     "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(d)})
+        else:
+            provider_options.append({})
+    sess = ort.InferenceSession(data, sess_options=opts, providers=providers, provider_options=provider_options)
+    loaded = LoadedModel(name, version, sha256, sess, [_spec(a) for a in sess.get_inputs()],
+                         [_spec(a) for a in sess.get_outputs()], list(sess.get_providers()))
+    # Warm-up: a version serves only after it has answered once (Triton #4330: load "succeeds", then fails).
+    feeds = {}
+    for spec in loaded.inputs:
+        shape = [1 if d < 0 else d for d in spec.shape]
+        feeds[spec.name] = np.zeros(shape, dtype=spec.np_dtype)
+    outs = loaded.run(feeds)
+    if not outs or not all(np.isfinite(o).all() for o in outs if o.dtype.kind == "f"):
+        raise RuntimeError(f"{name}:{version}: warm-up inference returned no or non-finite outputs")
+    if providers[0] != "CPUExecutionProvider" and loaded.provider != providers[0]:
+        logger.warning("%s:%s requested %s but runs on %s", name, version, providers[0], loaded.provider)
+    return loaded

@@ -1,0 +1,188 @@
+"""One scan job in its own process: ``python -m guard_server.worker JOB.json``.
+
+A subprocess per job isolates the server from a hostile model (a crash or OOM kills the job, not the
+server), keeps the GIL of the gRPC process free for Predict, and makes cancellation a signal.
+The job reads its inputs from the blob store (paths in the job file), and writes one JSON object per line
+to the original stdout (library output is redirected to stderr). Events, in order:
+
+``{"ev": "state", "state": "SCANNING"}``, ``{"ev": "progress", ...}`` (the engine's ScanProgress),
+``{"ev": "scan_done", "report": {...}, "seconds": s}``, ``{"ev": "state", "state": "MITIGATING"}``,
+``{"ev": "mitigation_done", ...}``, ``{"ev": "result", "outcome": "benign"|"mitigated"|"rejected", ...}``
+or ``{"ev": "error", "kind": "...", "message": "..."}``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, TextIO
+
+_OUT: TextIO | None = None
+_LAST_PROGRESS = [0.0]
+
+
+def emit(ev: str, **fields: Any) -> None:
+    assert _OUT is not None
+    _OUT.write(json.dumps({"ev": ev, **fields}, default=_json_default) + "\n")
+    _OUT.flush()
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    return str(o)
+
+
+def _finite(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _progress_cb(stage: str) -> Any:
+    def cb(p: Any) -> None:
+        now = time.monotonic()
+        last = p.step >= p.total if p.total else False
+        # Throttled to ~10 events/s: watchers want motion, not every optimiser step.
+        if not last and now - _LAST_PROGRESS[0] < 0.1:
+            return
+        _LAST_PROGRESS[0] = now
+        emit("progress", stage=stage, phase=p.phase, step=int(p.step), total=int(p.total),
+             losses={k: v for k, v in ((k, _finite(v)) for k, v in dict(p.losses or {}).items()) if v is not None},
+             perturbation_ratio=_finite(p.perturbation_ratio), message=str(p.message or ""))
+    return cb
+
+
+def split_holdout(n: int, fraction: float, seed_hex: str) -> tuple[list[int], list[int]]:
+    """Deterministic (train, holdout) split of n indices, seeded by the benign set's sha256."""
+    import numpy as np
+
+    rng = np.random.default_rng(int(seed_hex[:16], 16))
+    perm = rng.permutation(n)
+    k = max(1, int(round(n * fraction)))
+    return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
+
+
+def clean_error(model: Any, benign: Any, task: str) -> float:
+    import torch
+
+    from drmguard_engine.tasks import regression_error
+
+    model.eval()
+    with torch.no_grad():
+        preds = torch.cat([model(benign.images[i:i + 256]) for i in range(0, len(benign), 256)])
+    return regression_error(task, preds, benign.labels)
+
+
+def run_job(job: dict[str, Any]) -> None:
+    import torch
+
+    from drmguard_engine.data import load_benign_npz
+    from drmguard_engine.errors import CancelledError
+    from drmguard_engine.onnx_io import export_onnx, load_onnx_model
+    from drmguard_engine.scan import mitigate, scan
+
+    cancel = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: cancel.set())
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    device = job["device"]
+    task = job["task"]
+    try:
+        model = load_onnx_model(Path(job["model_path"]).read_bytes())
+        c, h, w = (int(s) for s in model.input_shape)
+        benign = load_benign_npz(Path(job["benign_path"]).read_bytes(), task=task, channels=c, size=(h, w))
+        refs = [load_onnx_model(Path(p).read_bytes()) for p in job.get("reference_paths", [])]
+    except CancelledError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - reported as a FAILED scan with the reason
+        emit("error", kind="input", message=f"{type(exc).__name__}: {exc}")
+        return
+
+    emit("state", state="SCANNING")
+    t0 = time.monotonic()
+    report = scan(model, benign, task, config=job["profile"], device=device, progress=_progress_cb("scan"),
+                  cancel=cancel, references=refs)
+    rep = report.to_dict()
+    emit("scan_done", report=rep, seconds=time.monotonic() - t0, verdict=report.verdict,
+         perturbation_ratio=_finite(report.perturbation_ratio))
+    if report.verdict == "benign":
+        emit("result", outcome="benign", reason="scan found no backdoor")
+        return
+    if not job.get("allow_mitigated", True):
+        emit("result", outcome="rejected", reason="backdoor found; policy does not admit mitigated versions")
+        return
+
+    emit("state", state="MITIGATING")
+    t1 = time.monotonic()
+    train_idx, hold_idx = split_holdout(len(benign), float(job["holdout_fraction"]), job["benign_sha256"])
+    train_set, holdout = benign.subset(train_idx), benign.subset(hold_idx)
+    before = clean_error(model, holdout, task)
+    fixed, mrep = mitigate(model, train_set, task, report=report, device=device,
+                           progress=_progress_cb("mitigate"), cancel=cancel, holdout=holdout)
+    out_path = Path(job["out_dir"]) / "mitigated.onnx"
+    fixed = fixed.to("cpu").eval()
+    export_onnx(fixed, out_path, input_shape=tuple(model.input_shape), input_name=model.input_name,
+                output_name=model.output_name)
+    data = out_path.read_bytes()
+    # Re-scan and measure what will be served: the exported ONNX, loaded back like any upload.
+    served = load_onnx_model(data)
+    after = clean_error(served, holdout, task)
+    mdict = mrep.to_dict()
+    emit("mitigation_done", report=mdict, clean_error_before=before, clean_error_after=after,
+         mitigated_path=str(out_path), mitigated_sha256=hashlib.sha256(data).hexdigest())
+    emit("state", state="MITIGATING", message="re-scanning the mitigated model")
+    rescan = scan(served, benign, task, config=job["profile"], device=device, progress=_progress_cb("rescan"),
+                  cancel=cancel, references=refs)
+    rdict = rescan.to_dict()
+    tol = float(job["tolerance"])
+    seconds = time.monotonic() - t1
+    emit("rescan_done", report=rdict, verdict=rescan.verdict, perturbation_ratio=_finite(rescan.perturbation_ratio),
+         seconds=seconds)
+    if rescan.verdict != "benign":
+        emit("result", outcome="rejected", reason="backdoor found; the mitigated model still scans as backdoored")
+    elif after > before * (1.0 + tol) + 1e-9:
+        emit("result", outcome="rejected",
+             reason=f"backdoor found; mitigation raised clean error from {before:.3f} to {after:.3f} degrees, "
+                    f"more than the {tol:.0%} tolerance")
+    else:
+        emit("result", outcome="mitigated",
+             reason=f"backdoor found and removed; re-scan benign; clean error {before:.3f} -> {after:.3f} degrees")
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _OUT
+    args = sys.argv[1:] if argv is None else argv
+    # Our protocol owns the real stdout; anything a library prints goes to stderr.
+    _OUT = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    job = json.loads(Path(args[0]).read_text())
+    try:
+        run_job(job)
+    except Exception as exc:  # noqa: BLE001
+        from drmguard_engine.errors import CancelledError
+
+        if isinstance(exc, CancelledError):
+            emit("error", kind="cancelled", message="cancelled")
+            return 3
+        traceback.print_exc()
+        emit("error", kind="internal", message=f"{type(exc).__name__}: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
