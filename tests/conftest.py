@@ -1,0 +1,55 @@
+"""Shared pytest setup: ``--run-slow``, auto-skipped ``slow``/``gpu`` markers, and RNG isolation.
+
+Default runs are fast and CPU-only; ``slow`` tests need ``--run-slow`` and ``gpu`` tests a CUDA device. They
+are skipped (not deselected) so that a run says "N skipped". The RNG fixture restores the python, numpy and
+torch generators after every test, so no test depends on another's draws.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:  # the client tests run without torch
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    run_slow = config.getoption("--run-slow")
+    has_cuda: bool | None = None
+    for item in items:
+        if item.get_closest_marker("slow") and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow; pass --run-slow"))
+        if item.get_closest_marker("gpu"):
+            if has_cuda is None:
+                has_cuda = _cuda_available()
+            if not has_cuda:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+@pytest.fixture(autouse=True)
+def _restore_rng_state() -> Iterator[None]:
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    try:
+        import torch
+    except ImportError:
+        torch = None  # type: ignore[assignment]
+    torch_state = torch.random.get_rng_state() if torch is not None else None
+    yield
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    if torch is not None and torch_state is not None:
+        torch.random.set_rng_state(torch_state)
