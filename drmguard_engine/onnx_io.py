@@ -1,0 +1,550 @@
+"""ONNX in and out: export engine models, gate submitted files, import them as differentiable modules.
+
+* :func:`export_onnx` writes a model as ONNX (legacy TorchScript exporter, opset >= 17, float32 NCHW input
+  in [0, 1], dynamic batch axis), for engine models and for the modules :func:`load_onnx_model` returns.
+* :func:`check_onnx_bytes` is the hostile-input gate: it parses and validates without executing anything
+  (no external data, standard domains only, the interpreter's op allow-list, one (N,C,H,W) float input and
+  one (N,d) output, ``onnx.checker`` full check and strict shape inference).
+* :func:`load_onnx_model` interprets an accepted graph into an :class:`ImportedModel`, an ``nn.Module`` split
+  into F (``features``) and H (``head``, an ``nn.Linear`` built from the final Gemm or MatMul+Add), so the
+  scan can read the penultimate features and the mitigation can fine-tune the weights.
+
+Why an interpreter of our own rather than onnx2torch: see ``docs/onnx-import.md``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+import torch
+from google.protobuf.message import DecodeError
+from torch import nn
+
+from .errors import ConfigError, UnsupportedModelError
+from .onnx_ops import ALLOWED_OPS, DRY_BATCH, Const, Dyn, GraphBody, Interpreted, interpret
+
+#: Largest ONNX file accepted (a ResNet-34 regression model is about 85 MB).
+DEFAULT_MAX_BYTES = 512 * 1024 * 1024
+#: Most nodes in a graph (ResNet-34 has about 120 after export).
+MAX_NODES = 20_000
+#: Input caps: channels, spatial side, and the elements of one image.
+MAX_CHANNELS = 16
+MAX_SIDE = 4096
+MAX_IMAGE_ELEMENTS = 16 * 1024 * 1024
+#: Oldest default-domain opset read (earlier ones use attribute forms the interpreter does not read).
+MIN_OPSET = 11
+MIN_EXPORT_OPSET = 17
+
+_STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
+_TAIL_OPS = ("Identity", "Reshape", "Flatten", "Dropout", "Cast")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Writes then renames, so a reader never sees a half-written model."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str] | None = None,
+    *,
+    input_shape: Sequence[int] | None = None,
+    input_name: str | None = None,
+    output_name: str | None = None,
+    opset: int = 17,
+    check: bool = True,
+) -> bytes:
+    """Exports ``model`` as ONNX bytes (and writes them atomically to ``path`` when given).
+
+    The graph takes float32 NCHW images in [0, 1] (normalisation lives inside the model) with a dynamic batch
+    axis named ``batch`` and returns (N, d). The legacy TorchScript exporter is used (``dynamo=False``): it
+    needs no onnxscript and traces both engine models and :class:`ImportedModel`.
+
+    Args:
+        model: an ``nn.Module`` mapping (N,C,H,W) to (N,d); left in the train/eval mode it came in.
+        path: where to write the file; ``None`` only returns the bytes.
+        input_shape: (C, H, W); defaults to ``model.input_shape``.
+        input_name: graph input name; defaults to ``model.input_name`` (an imported model keeps the submitted
+            name) or ``"input"``.
+        output_name: graph output name; defaults to ``model.output_name`` or ``"output"``.
+        opset: ONNX opset, at least 17.
+        check: run :func:`check_onnx_bytes` on the result, so that what we write we can also read back.
+
+    Returns:
+        The serialised ONNX model.
+
+    Raises:
+        ConfigError: opset below 17, no input shape, or clashing tensor names.
+        UnsupportedModelError: the exported graph fails our own gate (``check=True``).
+    """
+    if int(opset) < MIN_EXPORT_OPSET:
+        raise ConfigError(f"opset must be >= {MIN_EXPORT_OPSET}, got {opset}")
+    shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
+    if shape is None or len(tuple(shape)) != 3 or any(int(s) <= 0 for s in shape):
+        raise ConfigError(f"input_shape must be (C, H, W) with positive sizes, got {shape!r}")
+    c, h, w = (int(s) for s in shape)
+    in_name = input_name or getattr(model, "input_name", None) or "input"
+    out_name = output_name or getattr(model, "output_name", None) or "output"
+    if in_name == out_name:
+        raise ConfigError(f"input and output names must differ, both are {in_name!r}")
+    param = next(iter(model.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    # Batch 2, not 1: the tracer must not specialise anything on a batch of one.
+    gen = torch.Generator().manual_seed(0)
+    dummy = torch.rand(2, c, h, w, generator=gen).to(device)
+    buf = io.BytesIO()
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            # The legacy exporter warns about its own deprecation and tracer details; the engine never prints.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (dummy,),
+                buf,
+                input_names=[in_name],
+                output_names=[out_name],
+                dynamic_axes={in_name: {0: "batch"}, out_name: {0: "batch"}},
+                opset_version=int(opset),
+                dynamo=False,
+                do_constant_folding=True,
+                export_params=True,
+            )
+    finally:
+        model.train(was_training)
+    data = buf.getvalue()
+    if check:
+        check_onnx_bytes(data)
+    if path is not None:
+        _atomic_write(Path(path), data)
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The gate
+
+
+def _dims(t: onnx.TypeProto) -> list[int | str | None] | None:
+    """Dims of a tensor type: int when fixed, the symbol name (or None) when not; None for an unknown rank."""
+    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    out: list[int | str | None] = []
+    for d in t.tensor_type.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+def _check_tensor_storage(t: onnx.TensorProto, where: str) -> None:
+    if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) > 0:
+        raise UnsupportedModelError(
+            f"{where} {t.name!r} refers to external data: submit a single self-contained .onnx file "
+            "(onnx.save_model(model, path, save_as_external_data=False))"
+        )
+
+
+def _model_inputs(graph: onnx.GraphProto) -> list[onnx.ValueInfoProto]:
+    # Before IR 4 exporters listed initializers as graph inputs too; those are weights, not inputs.
+    inits = {i.name for i in graph.initializer}
+    return [i for i in graph.input if i.name not in inits]
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    """The ``ai.onnx`` opset version the model imports (0 when it imports none)."""
+    return max((int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def check_onnx_bytes(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> onnx.ModelProto:
+    """Parses and validates an untrusted ONNX file without executing anything from it.
+
+    Args:
+        data: the file's bytes.
+        max_bytes: size cap; larger files are refused before parsing.
+
+    Returns:
+        The parsed model (unchanged).
+
+    Raises:
+        UnsupportedModelError: not ONNX, too large, external data, non-standard domain, an op outside the
+            interpreter's allow-list, model-local functions, or inputs/outputs of the wrong shape.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise UnsupportedModelError(f"expected the ONNX file's bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) > max_bytes:
+        raise UnsupportedModelError(f"the ONNX file is {len(data)} bytes, over the {max_bytes}-byte limit")
+    if not data:
+        raise UnsupportedModelError("not a valid ONNX model: the file is empty")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise UnsupportedModelError(f"not a valid ONNX model: {e or 'protobuf decode error'}") from None
+    if not model.HasField("graph") or model.ir_version <= 0 or not model.graph.node:
+        raise UnsupportedModelError("not a valid ONNX model: no graph, no nodes or no IR version")
+
+    for imp in model.opset_import:
+        if imp.domain not in _STANDARD_DOMAINS:
+            raise UnsupportedModelError(
+                f"operator domain {imp.domain!r} is not allowed: only the standard ai.onnx and ai.onnx.ml domains are read"
+            )
+    opset = default_opset(model)
+    if opset < MIN_OPSET:
+        raise UnsupportedModelError(f"ai.onnx opset {opset} is too old: re-export with opset >= 17 (at least {MIN_OPSET})")
+    if len(model.functions) > 0:
+        raise UnsupportedModelError("model-local functions are not supported: export with functions inlined")
+
+    graph = model.graph
+    if len(graph.node) > MAX_NODES:
+        raise UnsupportedModelError(f"the graph has {len(graph.node)} nodes, over the limit of {MAX_NODES}")
+    if len(graph.sparse_initializer) > 0:
+        raise UnsupportedModelError("sparse initializers are not supported: store weights as dense tensors")
+    for init in graph.initializer:
+        _check_tensor_storage(init, "initializer")
+    for node in graph.node:
+        if node.domain not in _STANDARD_DOMAINS:
+            raise UnsupportedModelError(
+                f"node {node.name!r} uses op {node.op_type!r} from the custom domain {node.domain!r}: "
+                "only standard ONNX ops are accepted"
+            )
+        if node.domain == "ai.onnx.ml" or node.op_type not in ALLOWED_OPS:
+            raise UnsupportedModelError(
+                f"op {node.op_type!r} (node {node.name!r}) is not supported by the importer; supported ops: "
+                f"{', '.join(sorted(ALLOWED_OPS))}"
+            )
+        for a in node.attribute:
+            if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                raise UnsupportedModelError(f"node {node.name!r} carries a sub-graph, which is not supported")
+            if a.type == onnx.AttributeProto.TENSOR:
+                _check_tensor_storage(a.t, f"constant of node {node.name!r}")
+            if a.type == onnx.AttributeProto.TENSORS:
+                for t in a.tensors:
+                    _check_tensor_storage(t, f"constant of node {node.name!r}")
+
+    inputs = _model_inputs(graph)
+    if len(inputs) != 1:
+        raise UnsupportedModelError(f"the model must have exactly one input (N,C,H,W), it has {len(inputs)}")
+    inp = inputs[0]
+    if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise UnsupportedModelError(f"input {inp.name!r} must be float32 images in [0,1]")
+    dims = _dims(inp.type)
+    if dims is None or len(dims) != 4:
+        raise UnsupportedModelError(f"input {inp.name!r} must have rank 4 (N,C,H,W), got shape {dims}")
+    chw = dims[1:]
+    if not all(isinstance(d, int) and d > 0 for d in chw):
+        raise UnsupportedModelError(
+            f"input {inp.name!r} must have fixed C,H,W (only the batch may be symbolic), got {dims}"
+        )
+    c, h, w = (int(d) for d in chw)  # type: ignore[arg-type]
+    if c > MAX_CHANNELS or h > MAX_SIDE or w > MAX_SIDE or c * h * w > MAX_IMAGE_ELEMENTS:
+        raise UnsupportedModelError(f"input shape {dims} is over the limits (C <= {MAX_CHANNELS}, H,W <= {MAX_SIDE})")
+    if len(graph.output) != 1:
+        raise UnsupportedModelError(f"the model must have exactly one output (N,d), it has {len(graph.output)}")
+    out = graph.output[0]
+    if out.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise UnsupportedModelError(f"output {out.name!r} must be float32")
+
+    try:
+        onnx.checker.check_model(model, full_check=True)
+        inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsupportedModelError(f"not a valid ONNX model: {first[:500]}") from None
+    out_dims = _dims(out.type) or _dims(inferred.graph.output[0].type)
+    if out_dims is not None and len(out_dims) != 2:
+        raise UnsupportedModelError(f"output {out.name!r} must have rank 2 (N,d), got shape {out_dims}")
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Import
+
+
+class ImportedModel(nn.Module):
+    """An ONNX regression model as a differentiable module, ``forward(x) == head(features(x))``.
+
+    Attributes:
+        body: the interpreted graph up to the input of the final linear layer.
+        head: H, the final linear layer (``nn.Linear(m, d)``).
+        input_name, output_name: the submitted graph's tensor names (``export_onnx`` reuses them).
+        input_shape: (C, H, W).
+        opset: the submitted default-domain opset.
+    """
+
+    def __init__(
+        self,
+        body: GraphBody,
+        head: nn.Linear,
+        *,
+        transpose_features: bool,
+        input_name: str,
+        output_name: str,
+        input_shape: tuple[int, int, int],
+        opset: int,
+        producer: str = "",
+    ) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+        self.transpose_features = bool(transpose_features)
+        self.input_name = input_name
+        self.output_name = output_name
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.opset = int(opset)
+        self.producer = producer
+
+    @property
+    def output_dim(self) -> int:
+        """d, the number of regression outputs."""
+        return int(self.head.out_features)
+
+    @property
+    def feature_dim(self) -> int:
+        """m, the width of the penultimate feature."""
+        return int(self.head.in_features)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """F: (N,C,H,W) images in [0,1] -> (N,m) penultimate features."""
+        f = self.body(x)
+        # Gemm with transA=1 multiplies an (m,N) matrix; F is defined as its (N,m) transpose.
+        return f.t() if self.transpose_features else f
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """f = H(F(x)): (N,C,H,W) -> (N,d)."""
+        return self.head(self.features(x))
+
+    def describe(self) -> dict[str, object]:
+        """JSON-able summary for reports."""
+        return {
+            "source": "onnx",
+            "producer": self.producer,
+            "opset": self.opset,
+            "input_name": self.input_name,
+            "output_name": self.output_name,
+            "input_shape": list(self.input_shape),
+            "feature_dim": self.feature_dim,
+            "output_dim": self.output_dim,
+            "steps": len(self.body.steps),
+        }
+
+
+def _read_source(source: str | os.PathLike[str] | bytes | bytearray | memoryview, max_bytes: int) -> bytes:
+    if isinstance(source, bytes | bytearray | memoryview):
+        return bytes(source)
+    if isinstance(source, str | os.PathLike):
+        p = Path(source)
+        try:
+            size = p.stat().st_size
+            if size > max_bytes:
+                raise UnsupportedModelError(f"{p}: {size} bytes, over the {max_bytes}-byte limit")
+            return p.read_bytes()
+        except OSError as e:
+            raise UnsupportedModelError(f"cannot read the ONNX file {str(p)!r}: {e.strerror or e}") from None
+    raise UnsupportedModelError(f"expected a path or the ONNX file's bytes, got {type(source).__name__}")
+
+
+_LINEAR_MSG = "the model must end in one linear layer (Gemm, or MatMul+Add) producing the outputs"
+
+
+def _dyn_input(interp: Interpreted, node: onnx.NodeProto) -> str | None:
+    """The first input of ``node`` that depends on the model input."""
+    for name in node.input:
+        if name and isinstance(interp.values.get(name), Dyn):
+            return name
+    return None
+
+
+def _const(interp: Interpreted, name: str) -> torch.Tensor | None:
+    v = interp.values.get(name) if name else None
+    if isinstance(v, Const) and isinstance(v.value, torch.Tensor) and v.value.is_floating_point():
+        return v.value
+    return None
+
+
+def _bias(c: torch.Tensor | None, d: int, scale: float, where: str) -> torch.Tensor:
+    if c is None:
+        return torch.zeros(d)
+    if c.numel() not in (1, d) or (c.dim() >= 1 and c.shape[-1] not in (1, d)) or any(s != 1 for s in c.shape[:-1]):
+        raise UnsupportedModelError(f"{_LINEAR_MSG}; the bias of {where} has shape {list(c.shape)}, expected ({d},)")
+    return (c.reshape(-1) * scale).expand(d).clone()
+
+
+def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, bool]:
+    """Walks back from the output to the final linear layer: (its input name, H, transA)."""
+    values, producers = interp.values, interp.producers
+    name = output_name
+    if not isinstance(values.get(name), Dyn):
+        raise UnsupportedModelError("the output does not depend on the input")
+    tail: list[str] = []
+    while producers[name].op_type in _TAIL_OPS:
+        node = producers[name]
+        nxt = _dyn_input(interp, node)
+        if nxt is None or nxt not in producers:
+            break
+        tail.append(node.op_type)
+        name = nxt
+    node = producers[name]
+    out_shape = tuple(values[output_name].example.shape)  # type: ignore[union-attr]
+
+    def linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+        d, m = weight.shape
+        if (DRY_BATCH, d) != out_shape:
+            raise UnsupportedModelError(
+                f"{_LINEAR_MSG}; the linear layer gives ({DRY_BATCH},{d}) at batch {DRY_BATCH} but the output "
+                f"is {list(out_shape)} after {', '.join(tail)}"
+            )
+        lin = nn.Linear(int(m), int(d))
+        with torch.no_grad():
+            lin.weight.copy_(weight)
+            lin.bias.copy_(bias)
+        return lin
+
+    def check_a(a: str, trans: bool) -> None:
+        shape = tuple(values[a].example.shape)  # type: ignore[union-attr]
+        if len(shape) != 2 or shape[1 if trans else 0] != DRY_BATCH:
+            raise UnsupportedModelError(f"{_LINEAR_MSG}; its input must be (N,m), got {list(shape)} at batch {DRY_BATCH}")
+
+    if node.op_type == "Gemm" and isinstance(values.get(node.input[0]), Dyn):
+        b = _const(interp, node.input[1])
+        if b is not None and b.dim() == 2:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+            ta, tb = bool(attrs.get("transA", 0)), bool(attrs.get("transB", 0))
+            weight = (b if tb else b.t()) * alpha
+            c = _const(interp, node.input[2]) if len(node.input) > 2 else None
+            if len(node.input) > 2 and node.input[2] and c is None:
+                raise UnsupportedModelError(f"{_LINEAR_MSG}; the Gemm bias must be a constant")
+            check_a(node.input[0], ta)
+            return node.input[0], linear(weight, _bias(c, weight.shape[0], beta, "the Gemm")), ta
+    matmul, c = None, None
+    if node.op_type == "Add":
+        for i, j in ((0, 1), (1, 0)):
+            a, other = node.input[i], node.input[j]
+            if isinstance(values.get(a), Dyn) and producers[a].op_type == "MatMul" and _const(interp, other) is not None:
+                matmul, c = producers[a], _const(interp, other)
+                break
+    elif node.op_type == "MatMul":
+        matmul = node
+    if matmul is not None and isinstance(values.get(matmul.input[0]), Dyn):
+        b = _const(interp, matmul.input[1])
+        if b is not None and b.dim() == 2:
+            check_a(matmul.input[0], False)
+            weight = b.t()
+            return matmul.input[0], linear(weight, _bias(c, weight.shape[0], 1.0, "the final Add")), False
+
+    # Not a linear layer: say what stands between the last linear layer and the output.
+    after = [node.op_type]
+    cur = node
+    while True:
+        nxt = _dyn_input(interp, cur)
+        if nxt is None or nxt not in producers:
+            raise UnsupportedModelError(
+                f"{_LINEAR_MSG}; found no Gemm or MatMul before the output (it comes from {node.op_type})"
+            )
+        cur = producers[nxt]
+        if cur.op_type in ("Gemm", "MatMul"):
+            ops = list(reversed(after))
+            raise UnsupportedModelError(f"{_LINEAR_MSG}; found {', '.join(ops)} after it")
+        after.append(cur.op_type)
+
+
+def load_onnx_model(
+    source: str | os.PathLike[str] | bytes | bytearray | memoryview, *, max_bytes: int = DEFAULT_MAX_BYTES
+) -> ImportedModel:
+    """Imports an ONNX regression model (after :func:`check_onnx_bytes`) as an :class:`ImportedModel`.
+
+    The module is returned in eval mode; its Conv/BatchNorm/Gemm/MatMul weights are parameters.
+
+    Args:
+        source: a path to a .onnx file or its bytes.
+        max_bytes: size cap passed to the gate.
+
+    Raises:
+        UnsupportedModelError: the file fails the gate, uses an unsupported form of an op, does not end in
+            one linear layer, or does not treat batch samples independently.
+    """
+    data = _read_source(source, max_bytes)
+    model = check_onnx_bytes(data, max_bytes=max_bytes)
+    graph = model.graph
+    inp = _model_inputs(graph)[0]
+    c, h, w = (int(d) for d in _dims(inp.type)[1:])  # type: ignore[index,arg-type]
+    output_name = graph.output[0].name
+    opset = default_opset(model)
+    gen = torch.Generator().manual_seed(0)
+    example = torch.rand(DRY_BATCH, c, h, w, generator=gen)
+    interp = interpret(graph, inp.name, example, opset)
+
+    a_name, head, trans_a = _find_head(interp, output_name)
+    # F keeps only the steps the head's input depends on (dead branches and the head itself drop out).
+    needed: set[str] = set()
+    stack = [a_name]
+    while stack:
+        name = stack.pop()
+        if name in needed or name == inp.name:
+            continue
+        needed.add(name)
+        stack.extend(interp.steps[name].dyn_inputs.values())
+    steps = [s for name, s in interp.steps.items() if name in needed]
+    body = GraphBody(steps, inp.name, a_name)
+    imported = ImportedModel(
+        body,
+        head,
+        transpose_features=trans_a,
+        input_name=inp.name,
+        output_name=output_name,
+        input_shape=(c, h, w),
+        opset=opset,
+        producer=f"{model.producer_name} {model.producer_version}".strip(),
+    )
+    imported.eval()
+    _self_check(imported, interp.values[output_name].example, example)  # type: ignore[union-attr]
+    return imported
+
+
+def _self_check(model: ImportedModel, expected: torch.Tensor, example: torch.Tensor) -> None:
+    """Checks F/H reproduce the dry run, and that samples of a batch do not mix (batch on axis 0)."""
+    gen = torch.Generator().manual_seed(1)
+    x3 = torch.rand(3, *model.input_shape, generator=gen)
+    try:
+        with torch.no_grad():
+            y = model(example)
+            y3 = model(x3)
+            y1 = model(x3[:1])
+    except RuntimeError as e:
+        raise UnsupportedModelError(
+            f"the imported graph does not run at other batch sizes (the batch must stay on axis 0): {e}"
+        ) from None
+    scale = 1.0 + float(expected.abs().max())
+    if y.shape != expected.shape or not torch.allclose(y, expected, atol=1e-4 * scale, rtol=1e-4):
+        raise UnsupportedModelError("the graph after the final linear layer changes its values")
+    if y3.shape != (3, model.output_dim) or not torch.allclose(y3[:1], y1, atol=1e-4 * scale, rtol=1e-3):
+        raise UnsupportedModelError(
+            "the imported graph mixes samples of a batch (the batch must stay on axis 0, and no op may reduce over it)"
+        )
+
+
+__all__ = ["DEFAULT_MAX_BYTES", "ImportedModel", "check_onnx_bytes", "export_onnx", "load_onnx_model"]

@@ -1,0 +1,1110 @@
+"""A small ONNX interpreter: turns an accepted ONNX graph into differentiable PyTorch steps.
+
+Used by :mod:`drmguard_engine.onnx_io`; nothing here parses bytes or checks policy (``check_onnx_bytes``
+does that first). The interpreter reads each node once, at import time, with a dry run at batch size
+:data:`DRY_BATCH`:
+
+* a node whose inputs are all known at import time (initializers, ``Constant``, shape arithmetic) is
+  constant-folded and leaves no trace in the module;
+* ``Shape`` of a tensor that depends on the input yields :class:`SymInts`, a shape whose batch entry is
+  symbolic (:data:`BATCH`), so exporters' ``Shape -> Gather -> Unsqueeze -> Concat -> Reshape`` flatten
+  patterns fold into a static ``reshape(-1, m)`` that works for every batch size;
+* every other node becomes a :class:`Step`: a module with its constant operands bound as parameters
+  (weights of Conv, ConvTranspose, BatchNormalization scale/bias, Gemm, MatMul, PRelu: these are fine-tuned
+  by the mitigation) or buffers (everything else: running statistics, normalisation constants), and a pure
+  torch function of its inputs. Static attributes (pads, strides, reshape targets) are resolved to Python
+  values at import so that tracing the module (``export_onnx``) gives a clean graph.
+
+Only the op set in :data:`ALLOWED_OPS` is read; nothing from the file is ever executed as code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+#: Batch size of the import-time dry run. 2, not 1: a graph that hard-codes batch 1 fails at import.
+DRY_BATCH = 2
+
+
+class _Batch:
+    """The symbolic batch size inside a :class:`SymInts` shape."""
+
+    _instance: _Batch | None = None
+
+    def __new__(cls) -> _Batch:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "N"
+
+
+BATCH = _Batch()
+
+
+@dataclass(frozen=True)
+class SymInts:
+    """An integer shape value known at import time except for entries equal to :data:`BATCH`."""
+
+    values: tuple[Any, ...]
+    scalar: bool = False
+
+
+@dataclass
+class Const:
+    """A value known at import time: a tensor, or a shape with a symbolic batch entry."""
+
+    value: torch.Tensor | SymInts
+
+
+@dataclass
+class Dyn:
+    """A value that depends on the model input; ``example`` is its value in the dry run."""
+
+    example: torch.Tensor
+
+
+Value = Const | Dyn
+
+_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
+    onnx.TensorProto.FLOAT16,
+    onnx.TensorProto.BFLOAT16,
+}
+_INT_TYPES = {
+    onnx.TensorProto.INT64: torch.int64,
+    onnx.TensorProto.INT32: torch.int32,
+    onnx.TensorProto.INT16: torch.int16,
+    onnx.TensorProto.INT8: torch.int8,
+    onnx.TensorProto.UINT8: torch.uint8,
+    onnx.TensorProto.BOOL: torch.bool,
+}
+
+
+def _fail(node: onnx.NodeProto, what: str) -> UnsupportedModelError:
+    label = f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node"
+    return UnsupportedModelError(f"{label}: {what}")
+
+
+def tensor_from_proto(t: onnx.TensorProto) -> torch.Tensor:
+    """An initializer or Constant value as a torch tensor (float types become float32)."""
+    arr = numpy_helper.to_array(t)
+    if arr.dtype.kind == "f" or t.data_type in _FLOAT_TYPES:
+        arr = arr.astype(np.float32)
+    elif arr.dtype == np.uint64 or arr.dtype == np.uint32 or arr.dtype == np.uint16:
+        arr = arr.astype(np.int64)
+    # copy: numpy_helper may return a read-only view of the protobuf bytes.
+    return torch.from_numpy(np.array(arr, copy=True))
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for a in node.attribute:
+        if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+            raise _fail(node, "sub-graph attributes are not supported")
+        if a.type == onnx.AttributeProto.TENSOR:
+            out[a.name] = tensor_from_proto(a.t)
+        elif a.type == onnx.AttributeProto.SPARSE_TENSOR:
+            raise _fail(node, "sparse tensor attributes are not supported")
+        else:
+            v = onnx.helper.get_attribute_value(a)
+            if isinstance(v, bytes):
+                v = v.decode("utf-8", errors="replace")
+            out[a.name] = v
+    return out
+
+
+class Ctx:
+    """What an op preparer sees: the node, its attributes, its input values, and binding helpers."""
+
+    def __init__(self, node: onnx.NodeProto, ins: list[Value | None], opset: int) -> None:
+        self.node = node
+        self.attrs = _attrs(node)
+        self.ins = ins
+        self.opset = opset
+        # slot -> (trainable, tensor): constants the step keeps for run time.
+        self.kept: dict[int, tuple[bool, torch.Tensor]] = {}
+
+    def fail(self, what: str) -> UnsupportedModelError:
+        return _fail(self.node, what)
+
+    def attr(self, name: str, default: Any = None) -> Any:
+        return self.attrs.get(name, default)
+
+    def has(self, i: int) -> bool:
+        return i < len(self.ins) and self.ins[i] is not None
+
+    def is_const(self, i: int) -> bool:
+        return self.has(i) and isinstance(self.ins[i], Const)
+
+    def shape(self, i: int) -> tuple[int, ...]:
+        """Static shape of input i (the dry-run shape for input-dependent values)."""
+        v = self.ins[i]
+        if isinstance(v, Dyn):
+            return tuple(v.example.shape)
+        assert v is not None
+        if isinstance(v.value, SymInts):
+            return () if v.value.scalar else (len(v.value.values),)
+        return tuple(v.value.shape)
+
+    def const(self, i: int, what: str) -> torch.Tensor:
+        """Input i as a tensor known at import time, or a clear refusal."""
+        v = self.ins[i] if i < len(self.ins) else None
+        if not isinstance(v, Const) or isinstance(v.value, SymInts):
+            raise self.fail(f"{what} (input {i}) must be a constant initializer, not computed from the input")
+        return v.value
+
+    def ints(self, i: int, what: str) -> list[Any]:
+        """Input i as a list of ints (``BATCH`` entries allowed)."""
+        v = self.ins[i] if i < len(self.ins) else None
+        if isinstance(v, Const) and isinstance(v.value, SymInts):
+            return list(v.value.values)
+        t = self.const(i, what)
+        if t.is_floating_point():
+            raise self.fail(f"{what} (input {i}) must be an integer tensor")
+        return [int(x) for x in t.reshape(-1).tolist()]
+
+    def static_ints(self, i: int, what: str) -> list[int]:
+        vals = self.ints(i, what)
+        if any(v is BATCH for v in vals):
+            raise self.fail(f"{what} depends on the batch size, which is not supported here")
+        return vals
+
+    def keep(self, i: int, *, trainable: bool) -> None:
+        """Binds constant input i into the step (as a parameter if trainable, else a buffer)."""
+        if self.is_const(i):
+            self.kept[i] = (trainable, self.const(i, "operand"))
+
+
+Fn = Callable[["Step", list[Any]], torch.Tensor]
+
+
+class Step(nn.Module):
+    """One interpreted node: ``fn(step, args)`` with args gathered from the environment and kept constants."""
+
+    def __init__(
+        self,
+        op_type: str,
+        fn: Fn,
+        n_inputs: int,
+        dyn_inputs: dict[int, str],
+        kept: dict[int, tuple[bool, torch.Tensor]],
+        output: str,
+    ) -> None:
+        super().__init__()
+        self.op_type = op_type
+        self.fn = fn
+        self.n_inputs = n_inputs
+        self.dyn_inputs = dict(dyn_inputs)
+        self.output = output
+        self.const_slots: dict[int, str] = {}
+        for slot, (trainable, tensor) in kept.items():
+            name = f"c{slot}"
+            if trainable and tensor.is_floating_point():
+                self.register_parameter(name, nn.Parameter(tensor.detach().clone().float()))
+            else:
+                self.register_buffer(name, tensor.detach().clone())
+            self.const_slots[slot] = name
+
+    def forward(self, env: dict[str, torch.Tensor]) -> torch.Tensor:
+        args: list[Any] = [None] * self.n_inputs
+        for slot, name in self.dyn_inputs.items():
+            args[slot] = env[name]
+        for slot, name in self.const_slots.items():
+            args[slot] = getattr(self, name)
+        return self.fn(self, args)
+
+    def extra_repr(self) -> str:
+        return f"{self.op_type} -> {self.output!r}"
+
+
+class GraphBody(nn.Module):
+    """Runs a list of :class:`Step` in order from the input tensor to ``output``."""
+
+    def __init__(self, steps: Sequence[Step], input_name: str, output: str) -> None:
+        super().__init__()
+        self.steps = nn.ModuleList(steps)
+        self.input_name = input_name
+        self.output = output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        env: dict[str, torch.Tensor] = {self.input_name: x}
+        for step in self.steps:
+            env[step.output] = step(env)
+        return env[self.output]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Op preparers: ``prep(ctx) -> fn``. They resolve attributes to Python values, call ``ctx.keep`` for the
+# constant operands the function reads at run time, and return ``fn(step, args)``. The same function is used
+# to fold nodes whose inputs are all constant (then every arg is a constant tensor).
+
+
+def _pairs(ctx: Ctx, name: str, default: int, n: int = 2) -> list[int]:
+    v = ctx.attr(name)
+    if v is None:
+        return [default] * n
+    v = [int(x) for x in v]
+    if len(v) != n:
+        raise ctx.fail(f"{name}={v} must have {n} entries (only 2-D spatial ops are supported)")
+    return v
+
+
+def _same_pads(in_hw: Sequence[int], k: Sequence[int], s: Sequence[int], d: Sequence[int], upper: bool) -> list[int]:
+    begins, ends = [], []
+    for size, kk, ss, dd in zip(in_hw, k, s, d, strict=True):
+        out = -(-size // ss)
+        total = max((out - 1) * ss + (kk - 1) * dd + 1 - size, 0)
+        small, big = total // 2, total - total // 2
+        begins.append(small if upper else big)
+        ends.append(big if upper else small)
+    return begins + ends
+
+
+def _spatial_pads(ctx: Ctx, k: list[int], s: list[int], d: list[int]) -> list[int]:
+    """ONNX pads [top, left, bottom, right], with auto_pad resolved against the static input size."""
+    auto = ctx.attr("auto_pad", "NOTSET")
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        return _same_pads(ctx.shape(0)[2:], k, s, d, upper=auto == "SAME_UPPER")
+    if auto == "VALID":
+        return [0, 0, 0, 0]
+    if auto != "NOTSET":
+        raise ctx.fail(f"auto_pad={auto!r} is not supported")
+    return _pairs(ctx, "pads", 0, 4)
+
+
+def _need_rank4(ctx: Ctx) -> None:
+    if len(ctx.shape(0)) != 4:
+        raise ctx.fail(f"only 2-D (N,C,H,W) inputs are supported, got shape {list(ctx.shape(0))}")
+
+
+def prep_conv(ctx: Ctx) -> Fn:
+    _need_rank4(ctx)
+    w = ctx.const(1, "the Conv weight")
+    if w.dim() != 4:
+        raise ctx.fail("only 2-D convolutions are supported")
+    k = [int(x) for x in w.shape[2:]]
+    s, d = _pairs(ctx, "strides", 1), _pairs(ctx, "dilations", 1)
+    groups = int(ctx.attr("group", 1))
+    pads = _spatial_pads(ctx, k, s, d)
+    ctx.keep(1, trainable=True)
+    ctx.keep(2, trainable=True)
+    symmetric = pads[0] == pads[2] and pads[1] == pads[3]
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        x = a[0]
+        if symmetric:
+            return F.conv2d(x, a[1], a[2], s, (pads[0], pads[1]), d, groups)
+        x = F.pad(x, (pads[1], pads[3], pads[0], pads[2]))
+        return F.conv2d(x, a[1], a[2], s, 0, d, groups)
+
+    return fn
+
+
+def prep_conv_transpose(ctx: Ctx) -> Fn:
+    _need_rank4(ctx)
+    w = ctx.const(1, "the ConvTranspose weight")
+    if w.dim() != 4:
+        raise ctx.fail("only 2-D transposed convolutions are supported")
+    k = [int(x) for x in w.shape[2:]]
+    s, d = _pairs(ctx, "strides", 1), _pairs(ctx, "dilations", 1)
+    groups = int(ctx.attr("group", 1))
+    op = _pairs(ctx, "output_padding", 0)
+    in_hw = ctx.shape(0)[2:]
+    full = [(i - 1) * ss + (kk - 1) * dd + 1 + oo for i, ss, kk, dd, oo in zip(in_hw, s, k, d, op, strict=True)]
+    auto = ctx.attr("auto_pad", "NOTSET")
+    if ctx.attr("output_shape") is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
+        target = [int(x) for x in ctx.attr("output_shape", [])][-2:] or [i * ss for i, ss in zip(in_hw, s, strict=True)]
+        totals = [f - t for f, t in zip(full, target, strict=True)]
+        if any(t < 0 for t in totals):
+            raise ctx.fail("output_shape larger than the transposed convolution produces is not supported")
+        upper = auto != "SAME_LOWER"
+        pads = [t // 2 if upper else t - t // 2 for t in totals] + [t - t // 2 if upper else t // 2 for t in totals]
+    elif auto in ("NOTSET", "VALID"):
+        pads = _pairs(ctx, "pads", 0, 4) if auto == "NOTSET" else [0, 0, 0, 0]
+    else:
+        raise ctx.fail(f"auto_pad={auto!r} is not supported")
+    ctx.keep(1, trainable=True)
+    ctx.keep(2, trainable=True)
+    hw_out = [full[0] - pads[0] - pads[2], full[1] - pads[1] - pads[3]]
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        y = F.conv_transpose2d(a[0], a[1], a[2], s, 0, op, groups, d)
+        # ONNX pads may be asymmetric; crop them off the full output (static sizes).
+        return y[:, :, pads[0] : pads[0] + hw_out[0], pads[1] : pads[1] + hw_out[1]]
+
+    return fn
+
+
+def prep_batchnorm(ctx: Ctx) -> Fn:
+    for i, what in enumerate(("scale", "bias", "mean", "var"), start=1):
+        ctx.const(i, f"the BatchNormalization {what}")
+    if len([o for o in ctx.node.output if o]) > 1:
+        raise ctx.fail("training-mode BatchNormalization (extra outputs) is not supported")
+    eps = float(ctx.attr("epsilon", 1e-5))
+    # ONNX momentum weighs the old running value; torch's weighs the new batch statistic.
+    momentum = 1.0 - float(ctx.attr("momentum", 0.9))
+    ctx.keep(1, trainable=True)
+    ctx.keep(2, trainable=True)
+    ctx.keep(3, trainable=False)
+    ctx.keep(4, trainable=False)
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        return F.batch_norm(a[0], a[3], a[4], a[1], a[2], step.training, momentum, eps)
+
+    return fn
+
+
+def _binary(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], int_op: Callable[..., torch.Tensor] | None = None):
+    def prep(ctx: Ctx) -> Fn:
+        ctx.keep(0, trainable=False)
+        ctx.keep(1, trainable=False)
+
+        def fn(step: Step, a: list[Any]) -> torch.Tensor:
+            x, y = a[0], a[1]
+            if int_op is not None and not x.is_floating_point() and not y.is_floating_point():
+                return int_op(x, y)
+            return op(x, y)
+
+        return fn
+
+    return prep
+
+
+def _unary(op: Callable[[torch.Tensor], torch.Tensor]):
+    def prep(ctx: Ctx) -> Fn:
+        return lambda step, a: op(a[0])
+
+    return prep
+
+
+def prep_identity(ctx: Ctx) -> Fn:
+    return lambda step, a: a[0]
+
+
+def prep_leaky_relu(ctx: Ctx) -> Fn:
+    alpha = float(ctx.attr("alpha", 0.01))
+    return lambda step, a: F.leaky_relu(a[0], alpha)
+
+
+def prep_elu(ctx: Ctx) -> Fn:
+    alpha = float(ctx.attr("alpha", 1.0))
+    return lambda step, a: F.elu(a[0], alpha)
+
+
+def prep_hard_sigmoid(ctx: Ctx) -> Fn:
+    alpha, beta = float(ctx.attr("alpha", 0.2)), float(ctx.attr("beta", 0.5))
+    return lambda step, a: torch.clamp(a[0] * alpha + beta, 0.0, 1.0)
+
+
+def prep_hard_swish(ctx: Ctx) -> Fn:
+    return lambda step, a: F.hardswish(a[0])
+
+
+def prep_gelu(ctx: Ctx) -> Fn:
+    approximate = str(ctx.attr("approximate", "none"))
+    if approximate not in ("none", "tanh"):
+        raise ctx.fail(f"approximate={approximate!r} is not supported")
+    return lambda step, a: F.gelu(a[0], approximate=approximate)
+
+
+def prep_prelu(ctx: Ctx) -> Fn:
+    ctx.keep(1, trainable=True)
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        x, slope = a[0], a[1]
+        return torch.where(x >= 0, x, x * slope)
+
+    return fn
+
+
+def prep_clip(ctx: Ctx) -> Fn:
+    lo: float | None
+    hi: float | None
+    if ctx.opset < 11:
+        lo, hi = ctx.attr("min"), ctx.attr("max")
+    else:
+        lo = float(ctx.const(1, "Clip min").reshape(-1)[0]) if ctx.has(1) else None
+        hi = float(ctx.const(2, "Clip max").reshape(-1)[0]) if ctx.has(2) else None
+    if lo is None and hi is None:
+        return lambda step, a: a[0]
+    return lambda step, a: torch.clamp(a[0], lo, hi)
+
+
+def prep_pow(ctx: Ctx) -> Fn:
+    if not ctx.is_const(1) or ctx.const(1, "Pow exponent").numel() != 1:
+        raise ctx.fail("Pow needs a constant scalar exponent")
+    e = float(ctx.const(1, "Pow exponent").reshape(-1)[0])
+    return lambda step, a: torch.pow(a[0], e)
+
+
+def prep_softmax(ctx: Ctx) -> Fn:
+    rank = len(ctx.shape(0))
+    if ctx.opset >= 13:
+        axis = int(ctx.attr("axis", -1)) % rank
+        return lambda step, a: torch.softmax(a[0], axis)
+    axis = int(ctx.attr("axis", 1)) % rank
+    if axis == rank - 1:
+        return lambda step, a: torch.softmax(a[0], -1)
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        # Opset < 13 softmax normalises over all axes from `axis` on.
+        x = a[0]
+        return torch.softmax(x.flatten(axis), -1).reshape(x.shape)
+
+    return fn
+
+
+def _pool_config(ctx: Ctx) -> tuple[list[int], list[int], list[int], list[int], bool]:
+    _need_rank4(ctx)
+    k = _pairs(ctx, "kernel_shape", 1)
+    s, d = _pairs(ctx, "strides", 1), _pairs(ctx, "dilations", 1)
+    pads = _spatial_pads(ctx, k, s, d)
+    return k, s, d, pads, bool(ctx.attr("ceil_mode", 0))
+
+
+def _torch_pads_ok(k: list[int], d: list[int], pads: list[int]) -> bool:
+    # torch pools take symmetric padding of at most half the (dilated) kernel.
+    if pads[0] != pads[2] or pads[1] != pads[3]:
+        return False
+    return all(p <= ((kk - 1) * dd + 1) // 2 for p, kk, dd in zip(pads[:2], k, d, strict=True))
+
+
+def prep_maxpool(ctx: Ctx) -> Fn:
+    if len(ctx.node.output) > 1 and ctx.node.output[1]:
+        raise ctx.fail("the Indices output of MaxPool is not supported")
+    k, s, d, pads, ceil = _pool_config(ctx)
+    if _torch_pads_ok(k, d, pads):
+        return lambda step, a: F.max_pool2d(a[0], k, s, (pads[0], pads[1]), d, ceil)
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        x = F.pad(a[0], (pads[1], pads[3], pads[0], pads[2]), value=float("-inf"))
+        return F.max_pool2d(x, k, s, 0, d, ceil)
+
+    return fn
+
+
+def prep_avgpool(ctx: Ctx) -> Fn:
+    k, s, d, pads, ceil = _pool_config(ctx)
+    if d != [1, 1]:
+        raise ctx.fail("dilated AveragePool is not supported")
+    include = bool(ctx.attr("count_include_pad", 0))
+    if _torch_pads_ok(k, d, pads):
+        return lambda step, a: F.avg_pool2d(a[0], k, s, (pads[0], pads[1]), ceil, include)
+    torch_pad = (pads[1], pads[3], pads[0], pads[2])
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        x = a[0]
+        total = F.avg_pool2d(F.pad(x, torch_pad), k, s, 0, ceil, True)
+        if include:
+            return total
+        # Divide by the share of real (unpadded) pixels in each window.
+        ones = F.pad(torch.ones_like(x[:1, :1]), torch_pad)
+        return total / F.avg_pool2d(ones, k, s, 0, ceil, True)
+
+    return fn
+
+
+def prep_global_avg(ctx: Ctx) -> Fn:
+    dims = tuple(range(2, len(ctx.shape(0))))
+    return lambda step, a: a[0].mean(dim=dims, keepdim=True)
+
+
+def prep_global_max(ctx: Ctx) -> Fn:
+    dims = tuple(range(2, len(ctx.shape(0))))
+    return lambda step, a: a[0].amax(dim=dims, keepdim=True)
+
+
+def _reduce(kind: str):
+    def prep(ctx: Ctx) -> Fn:
+        rank = len(ctx.shape(0))
+        axes: list[int] | None
+        if ctx.attr("axes") is not None:
+            axes = [int(x) for x in ctx.attr("axes")]
+        elif ctx.has(1):
+            axes = ctx.static_ints(1, f"{kind} axes")
+        else:
+            axes = None
+        if not axes:
+            if int(ctx.attr("noop_with_empty_axes", 0)):
+                return lambda step, a: a[0]
+            axes = list(range(rank))
+        dims = tuple(sorted(a % rank for a in axes))
+        keep = bool(ctx.attr("keepdims", 1))
+
+        def fn(step: Step, a: list[Any]) -> torch.Tensor:
+            x = a[0]
+            if kind == "ReduceMean":
+                return x.mean(dim=dims, keepdim=keep)
+            if kind == "ReduceSum":
+                return x.sum(dim=dims, keepdim=keep)
+            if kind == "ReduceMax":
+                return x.amax(dim=dims, keepdim=keep)
+            return x.amin(dim=dims, keepdim=keep)
+
+        return fn
+
+    return prep
+
+
+def prep_flatten(ctx: Ctx) -> Fn:
+    rank = len(ctx.shape(0))
+    axis = int(ctx.attr("axis", 1))
+    axis = axis + rank if axis < 0 else axis
+    if axis == 0:
+        return lambda step, a: a[0].reshape(1, -1)
+    if axis >= rank:
+        return lambda step, a: a[0].flatten(0, rank - 1).unsqueeze(1) if rank > 0 else a[0].reshape(1, 1)
+    if axis == 1:
+        return lambda step, a: a[0].flatten(1)
+    return lambda step, a: a[0].flatten(axis).flatten(0, axis - 1)
+
+
+def _reshape_target(ctx: Ctx) -> list[int]:
+    """The Reshape target as torch.reshape arguments, batch-independent where the batch is symbolic."""
+    in_shape = ctx.shape(0)
+    target = ctx.ints(1, "the Reshape shape")
+    allowzero = bool(ctx.attr("allowzero", 0))
+    dyn = isinstance(ctx.ins[0], Dyn)
+    resolved: list[Any] = []
+    for i, t in enumerate(target):
+        if t == 0 and not allowzero and t is not BATCH:
+            if i >= len(in_shape):
+                raise ctx.fail("Reshape copies a dimension (0) that the input does not have")
+            resolved.append(BATCH if (dyn and i == 0) else in_shape[i])
+        else:
+            resolved.append(t)
+    n_batch = sum(1 for t in resolved if t is BATCH)
+    if n_batch == 0:
+        return [int(t) for t in resolved]
+    if n_batch > 1:
+        raise ctx.fail("a Reshape target that repeats the batch size is not supported")
+    # Resolve the other entries (including -1) at the dry-run batch, then free the batch entry again.
+    dry = [DRY_BATCH if t is BATCH else int(t) for t in resolved]
+    try:
+        out_shape = torch.empty(in_shape, device="meta").reshape(dry).shape
+    except RuntimeError as e:
+        raise ctx.fail(f"cannot reshape {list(in_shape)} to {resolved}: {e}") from None
+    return [-1 if t is BATCH else int(out_shape[i]) for i, t in enumerate(resolved)]
+
+
+def prep_reshape(ctx: Ctx) -> Fn:
+    target = _reshape_target(ctx)
+    return lambda step, a: a[0].reshape(target)
+
+
+def _axes(ctx: Ctx, what: str) -> list[int] | None:
+    if ctx.attr("axes") is not None:
+        return [int(x) for x in ctx.attr("axes")]
+    if ctx.has(1):
+        return ctx.static_ints(1, f"{what} axes")
+    return None
+
+
+def prep_squeeze(ctx: Ctx) -> Fn:
+    shape = ctx.shape(0)
+    axes = _axes(ctx, "Squeeze")
+    dyn = isinstance(ctx.ins[0], Dyn)
+    if axes is None:
+        axes = [i for i, n in enumerate(shape) if n == 1 and not (dyn and i == 0)]
+    dims = tuple(sorted(a % len(shape) for a in axes)) if shape else ()
+    if dyn and 0 in dims:
+        raise ctx.fail("squeezing the batch axis is not supported")
+    if not dims:
+        return lambda step, a: a[0]
+    return lambda step, a: a[0].squeeze(dims)
+
+
+def prep_unsqueeze(ctx: Ctx) -> Fn:
+    axes = _axes(ctx, "Unsqueeze") or []
+    out_rank = len(ctx.shape(0)) + len(axes)
+    dims = sorted(a % out_rank for a in axes)
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        x = a[0]
+        for dim in dims:
+            x = x.unsqueeze(dim)
+        return x
+
+    return fn
+
+
+def prep_transpose(ctx: Ctx) -> Fn:
+    rank = len(ctx.shape(0))
+    perm = [int(p) for p in ctx.attr("perm", list(range(rank))[::-1])]
+    return lambda step, a: a[0].permute(perm)
+
+
+def prep_concat(ctx: Ctx) -> Fn:
+    rank = len(ctx.shape(0))
+    axis = int(ctx.attr("axis")) % max(rank, 1)
+    for i in range(len(ctx.ins)):
+        ctx.keep(i, trainable=False)
+    n = len(ctx.ins)
+    return lambda step, a: torch.cat([a[i] for i in range(n) if a[i] is not None], axis)
+
+
+def prep_gather(ctx: Ctx) -> Fn:
+    shape = ctx.shape(0)
+    axis = int(ctx.attr("axis", 0)) % len(shape)
+    if isinstance(ctx.ins[0], Dyn) and axis == 0:
+        raise ctx.fail("Gather along the batch axis is not supported")
+    idx = ctx.const(1, "Gather indices").long()
+    idx = torch.where(idx < 0, idx + shape[axis], idx)
+    if idx.dim() == 0:
+        i = int(idx)
+        return lambda step, a: a[0].select(axis, i)
+    if idx.dim() == 1:
+        ids = [int(v) for v in idx.tolist()]
+        # A contiguous run is a slice (cleaner to trace); otherwise index_select with a constant index.
+        if ids and ids == list(range(ids[0], ids[0] + len(ids))):
+            lo, hi = ids[0], ids[0] + len(ids)
+            return lambda step, a: a[0].narrow(axis, lo, hi - lo)
+        return lambda step, a: a[0].index_select(axis, torch.tensor(ids, dtype=torch.long, device=a[0].device))
+    raise ctx.fail("Gather indices of rank > 1 are not supported")
+
+
+def _slice_spec(ctx: Ctx) -> list[tuple[int, int, int, int]]:
+    shape = ctx.shape(0)
+    if ctx.opset < 10:
+        starts, ends = list(ctx.attr("starts")), list(ctx.attr("ends"))
+        axes = list(ctx.attr("axes", range(len(starts))))
+        steps = [1] * len(starts)
+    else:
+        starts = ctx.static_ints(1, "Slice starts")
+        ends = ctx.static_ints(2, "Slice ends")
+        axes = ctx.static_ints(3, "Slice axes") if ctx.has(3) else list(range(len(starts)))
+        steps = ctx.static_ints(4, "Slice steps") if ctx.has(4) else [1] * len(starts)
+    spec = []
+    for st, en, ax, sp in zip(starts, ends, axes, steps, strict=True):
+        ax = int(ax) % len(shape)
+        if sp <= 0:
+            raise ctx.fail("Slice with a non-positive step is not supported")
+        # ONNX clamps like Python slices for positive steps; resolve against the static size.
+        lo, hi, _ = slice(int(st), int(en), int(sp)).indices(shape[ax])
+        spec.append((ax, lo, hi, int(sp)))
+    return spec
+
+
+def prep_slice(ctx: Ctx) -> Fn:
+    spec = _slice_spec(ctx)
+    dyn = isinstance(ctx.ins[0], Dyn)
+    index: list[slice] = [slice(None)] * len(ctx.shape(0))
+    for ax, lo, hi, sp in spec:
+        if dyn and ax == 0:
+            if (lo, hi, sp) != (0, DRY_BATCH, 1):
+                raise ctx.fail("slicing the batch axis is not supported")
+            continue
+        index[ax] = slice(lo, hi, sp)
+    tup = tuple(index)
+    return lambda step, a: a[0][tup]
+
+
+def prep_cast(ctx: Ctx) -> Fn:
+    to = int(ctx.attr("to"))
+    if to in _FLOAT_TYPES:
+        # The interpreter computes in float32 throughout.
+        return lambda step, a: a[0].float()
+    if isinstance(ctx.ins[0], Dyn):
+        raise ctx.fail("casting the input-dependent tensor to a non-float type is not supported")
+    if to not in _INT_TYPES:
+        raise ctx.fail(f"Cast to type {onnx.TensorProto.DataType.Name(to)} is not supported")
+    dtype = _INT_TYPES[to]
+    return lambda step, a: a[0].to(dtype)
+
+
+def prep_pad(ctx: Ctx) -> Fn:
+    rank = len(ctx.shape(0))
+    mode = str(ctx.attr("mode", "constant"))
+    if ctx.opset < 11:
+        pads, value = [int(p) for p in ctx.attr("pads")], float(ctx.attr("value", 0.0))
+        axes = list(range(rank))
+    else:
+        pads = ctx.static_ints(1, "Pad pads")
+        value = float(ctx.const(2, "Pad constant_value").reshape(-1)[0]) if ctx.has(2) else 0.0
+        axes = [a % rank for a in ctx.static_ints(3, "Pad axes")] if ctx.has(3) else list(range(rank))
+    n = len(axes)
+    begin = dict(zip(axes, pads[:n], strict=True))
+    end = dict(zip(axes, pads[n:], strict=True))
+    if isinstance(ctx.ins[0], Dyn) and (begin.get(0, 0) or end.get(0, 0)):
+        raise ctx.fail("padding the batch axis is not supported")
+    modes = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+    if mode not in modes:
+        raise ctx.fail(f"Pad mode {mode!r} is not supported")
+    if mode != "constant" and any(begin.get(i, 0) or end.get(i, 0) for i in range(min(2, rank))):
+        raise ctx.fail(f"Pad mode {mode!r} on the batch or channel axis is not supported")
+    torch_pad: list[int] = []
+    # F.pad lists (begin, end) pairs from the last axis backwards; non-constant modes pad spatial axes only.
+    first = 0 if mode == "constant" else 2
+    for ax in range(rank - 1, first - 1, -1):
+        torch_pad += [begin.get(ax, 0), end.get(ax, 0)]
+    while len(torch_pad) > 2 and torch_pad[-2:] == [0, 0]:
+        torch_pad = torch_pad[:-2]
+    tmode = modes[mode]
+    if tmode == "constant":
+        return lambda step, a: F.pad(a[0], torch_pad, value=value)
+    return lambda step, a: F.pad(a[0], torch_pad, mode=tmode)
+
+
+def _nearest_index(out_n: int, in_n: int, scale: float, coord: str, nearest: str) -> list[int]:
+    """Source indices of ONNX nearest Resize along one axis (exactly as the spec computes them)."""
+    idx = []
+    for x in range(out_n):
+        if coord == "asymmetric":
+            xo = x / scale
+        elif coord == "half_pixel":
+            xo = (x + 0.5) / scale - 0.5
+        elif coord == "pytorch_half_pixel":
+            xo = (x + 0.5) / scale - 0.5 if out_n > 1 else 0.0
+        elif coord == "align_corners":
+            xo = x * (in_n - 1) / (out_n - 1) if out_n > 1 else 0.0
+        elif coord == "tf_half_pixel_for_nn":
+            xo = (x + 0.5) / scale
+        else:
+            raise ValueError(coord)
+        if nearest == "floor":
+            i = math.floor(xo)
+        elif nearest == "ceil":
+            i = math.ceil(xo)
+        elif nearest == "round_prefer_ceil":
+            i = math.floor(xo + 0.5)
+        else:  # round_prefer_floor
+            i = math.ceil(xo - 0.5)
+        idx.append(min(max(i, 0), in_n - 1))
+    return idx
+
+
+def prep_resize(ctx: Ctx) -> Fn:
+    _need_rank4(ctx)
+    n, c, h, w = ctx.shape(0)
+    if ctx.opset < 11:
+        raise ctx.fail("Resize before opset 11 is not supported; re-export with opset >= 17")
+    mode = str(ctx.attr("mode", "nearest"))
+    coord = str(ctx.attr("coordinate_transformation_mode", "half_pixel"))
+    nearest = str(ctx.attr("nearest_mode", "round_prefer_floor"))
+    if int(ctx.attr("antialias", 0)) or ctx.attr("axes") is not None:
+        raise ctx.fail("Resize with antialias or axes is not supported")
+    scales: list[float] | None = None
+    if ctx.has(3):
+        size = ctx.ints(3, "Resize sizes")[-2:]
+        if any(v is BATCH for v in size):
+            raise ctx.fail("Resize sizes depend on the batch size")
+        out_hw = [int(v) for v in size]
+    else:
+        sc = [float(v) for v in ctx.const(2, "Resize scales").reshape(-1).tolist()]
+        if len(sc) != 4 or sc[0] != 1.0 or sc[1] != 1.0:
+            raise ctx.fail("Resize must scale only the spatial axes")
+        scales = sc[2:]
+        out_hw = [math.floor(h * scales[0]), math.floor(w * scales[1])]
+    eff = scales or [out_hw[0] / h, out_hw[1] / w]
+    if mode == "nearest":
+        supported = ("asymmetric", "half_pixel", "pytorch_half_pixel", "align_corners", "tf_half_pixel_for_nn")
+        if coord not in supported:
+            raise ctx.fail(f"nearest Resize with coordinate_transformation_mode={coord!r} is not supported")
+        ih = _nearest_index(out_hw[0], h, eff[0], coord, nearest)
+        iw = _nearest_index(out_hw[1], w, eff[1], coord, nearest)
+        if coord == "asymmetric" and nearest == "floor" and scales and all(s == int(s) for s in scales):
+            # Integer upsampling: torch's nearest gives the same indices and traces to a plain Resize.
+            factor = (float(scales[0]), float(scales[1]))
+            return lambda step, a: F.interpolate(a[0], scale_factor=factor, mode="nearest")
+
+        def fn(step: Step, a: list[Any]) -> torch.Tensor:
+            x = a[0]
+            dev = x.device
+            x = x.index_select(2, torch.tensor(ih, dtype=torch.long, device=dev))
+            return x.index_select(3, torch.tensor(iw, dtype=torch.long, device=dev))
+
+        return fn
+    if mode == "linear":
+        if coord in ("half_pixel", "pytorch_half_pixel"):
+            align = False
+        elif coord == "align_corners":
+            align = True
+        else:
+            raise ctx.fail(f"linear Resize with coordinate_transformation_mode={coord!r} is not supported")
+        if scales is not None and not align:
+            factor = (float(scales[0]), float(scales[1]))
+            return lambda step, a: F.interpolate(a[0], scale_factor=factor, mode="bilinear", align_corners=False)
+        size = (out_hw[0], out_hw[1])
+        return lambda step, a: F.interpolate(a[0], size=size, mode="bilinear", align_corners=align)
+    raise ctx.fail(f"Resize mode {mode!r} is not supported (use nearest or linear)")
+
+
+def prep_gemm(ctx: Ctx) -> Fn:
+    alpha, beta = float(ctx.attr("alpha", 1.0)), float(ctx.attr("beta", 1.0))
+    ta, tb = int(ctx.attr("transA", 0)), int(ctx.attr("transB", 0))
+    ctx.keep(0, trainable=True)
+    ctx.keep(1, trainable=True)
+    ctx.keep(2, trainable=True)
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        x = a[0].t() if ta else a[0]
+        w = a[1].t() if tb else a[1]
+        y = x @ w
+        if alpha != 1.0:
+            y = y * alpha
+        if a[2] is not None:
+            y = y + (a[2] * beta if beta != 1.0 else a[2])
+        return y
+
+    return fn
+
+
+def prep_matmul(ctx: Ctx) -> Fn:
+    ctx.keep(0, trainable=True)
+    ctx.keep(1, trainable=True)
+    return lambda step, a: torch.matmul(a[0], a[1])
+
+
+PREPARERS: dict[str, Callable[[Ctx], Fn]] = {
+    "Conv": prep_conv,
+    "ConvTranspose": prep_conv_transpose,
+    "BatchNormalization": prep_batchnorm,
+    "Relu": _unary(F.relu),
+    "Sigmoid": _unary(torch.sigmoid),
+    "Tanh": _unary(torch.tanh),
+    "Abs": _unary(torch.abs),
+    "Neg": _unary(torch.neg),
+    "Exp": _unary(torch.exp),
+    "Log": _unary(torch.log),
+    "Sqrt": _unary(torch.sqrt),
+    "Reciprocal": _unary(torch.reciprocal),
+    "Erf": _unary(torch.erf),
+    "Softplus": _unary(F.softplus),
+    "LeakyRelu": prep_leaky_relu,
+    "Elu": prep_elu,
+    "PRelu": prep_prelu,
+    "Clip": prep_clip,
+    "HardSigmoid": prep_hard_sigmoid,
+    "HardSwish": prep_hard_swish,
+    "Gelu": prep_gelu,
+    "Softmax": prep_softmax,
+    "Pow": prep_pow,
+    "Add": _binary(torch.add),
+    "Sub": _binary(torch.sub),
+    "Mul": _binary(torch.mul),
+    "Div": _binary(torch.div, lambda x, y: torch.div(x, y, rounding_mode="trunc")),
+    "MaxPool": prep_maxpool,
+    "AveragePool": prep_avgpool,
+    "GlobalAveragePool": prep_global_avg,
+    "GlobalMaxPool": prep_global_max,
+    "ReduceMean": _reduce("ReduceMean"),
+    "ReduceSum": _reduce("ReduceSum"),
+    "ReduceMax": _reduce("ReduceMax"),
+    "ReduceMin": _reduce("ReduceMin"),
+    "Flatten": prep_flatten,
+    "Reshape": prep_reshape,
+    "Squeeze": prep_squeeze,
+    "Unsqueeze": prep_unsqueeze,
+    "Transpose": prep_transpose,
+    "Concat": prep_concat,
+    "Gather": prep_gather,
+    "Slice": prep_slice,
+    "Cast": prep_cast,
+    "Pad": prep_pad,
+    "Resize": prep_resize,
+    "Gemm": prep_gemm,
+    "MatMul": prep_matmul,
+    "Identity": prep_identity,
+    "Dropout": prep_identity,
+}
+
+#: Every op type (default ``ai.onnx`` domain) the interpreter reads; ``check_onnx_bytes`` refuses others.
+ALLOWED_OPS: frozenset[str] = frozenset(PREPARERS) | {"Constant", "Shape"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Constant folding of shape arithmetic that involves the symbolic batch size.
+
+
+def _as_list(v: Value | None) -> tuple[list[Any], bool] | None:
+    if not isinstance(v, Const):
+        return None
+    if isinstance(v.value, SymInts):
+        return list(v.value.values), v.value.scalar
+    t = v.value
+    if t.is_floating_point() or t.dim() > 1:
+        return None
+    return [int(x) for x in t.reshape(-1).tolist()], t.dim() == 0
+
+
+def _sym_or_tensor(values: list[Any], scalar: bool) -> Const:
+    if any(v is BATCH for v in values):
+        return Const(SymInts(tuple(values), scalar))
+    t = torch.tensor(values, dtype=torch.int64)
+    return Const(t.reshape(()) if scalar else t)
+
+
+def fold_symbolic(ctx: Ctx) -> Const:
+    """Folds a node one of whose inputs is a :class:`SymInts` shape."""
+    op = ctx.node.op_type
+    lists = [_as_list(v) for v in ctx.ins]
+    if any(lst is None for lst, v in zip(lists, ctx.ins, strict=True) if v is not None):
+        raise ctx.fail("mixes the symbolic batch size with non-integer data")
+    vals, scalar = lists[0]  # type: ignore[misc]
+    if op in ("Identity", "Cast"):
+        if op == "Cast" and int(ctx.attr("to")) not in _INT_TYPES:
+            raise ctx.fail("casting the batch size to a non-integer type is not supported")
+        return _sym_or_tensor(vals, scalar)
+    if op == "Gather":
+        idx = ctx.const(1, "Gather indices")
+        picked = [vals[int(i)] for i in idx.reshape(-1).tolist()]
+        return _sym_or_tensor(picked, idx.dim() == 0)
+    if op == "Slice":
+        (_, lo, hi, sp), *rest = _slice_spec(ctx) if not scalar else [(0, 0, 0, 1)]
+        if rest or scalar:
+            raise ctx.fail("slicing a shape must be one-dimensional")
+        return _sym_or_tensor(vals[lo:hi:sp], False)
+    if op == "Concat":
+        out: list[Any] = []
+        for lst in lists:
+            if lst is not None:
+                out += lst[0]
+        return _sym_or_tensor(out, False)
+    if op == "Unsqueeze":
+        if not scalar:
+            raise ctx.fail("unsqueezing a 1-D shape is not supported")
+        return _sym_or_tensor(vals, False)
+    if op == "Squeeze":
+        if len(vals) != 1:
+            raise ctx.fail("squeezing a shape of length != 1 is not supported")
+        return _sym_or_tensor(vals, True)
+    if op == "Reshape":
+        return _sym_or_tensor(vals, False)
+    if op in ("Mul", "Add", "Sub", "Div"):
+        other, oscalar = lists[1]  # type: ignore[misc]
+        if len(vals) != len(other) and min(len(vals), len(other)) != 1:
+            raise ctx.fail("shape arithmetic with mismatched lengths")
+        n = max(len(vals), len(other))
+        xs = vals * n if len(vals) == 1 else vals
+        ys = other * n if len(other) == 1 else other
+        res: list[Any] = []
+        for x, y in zip(xs, ys, strict=True):
+            if x is BATCH or y is BATCH:
+                if op == "Mul" and (x == 1 or y == 1):
+                    res.append(BATCH)
+                    continue
+                if op == "Div" and y == 1:
+                    res.append(BATCH)
+                    continue
+                raise ctx.fail("arithmetic on the batch size is not supported; reshape with -1 instead")
+            res.append({"Mul": x * y, "Add": x + y, "Sub": x - y, "Div": int(x / y) if y else 0}[op])
+        return _sym_or_tensor(res, scalar and oscalar)
+    raise ctx.fail("cannot use the symbolic batch size here")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The interpreter loop.
+
+
+@dataclass
+class Interpreted:
+    """The outcome of :func:`interpret`."""
+
+    values: dict[str, Value]
+    steps: dict[str, Step]  # output name -> the step computing it (input-dependent values only)
+    producers: dict[str, onnx.NodeProto]
+
+
+class _Frozen:
+    """Stands in for a Step while folding constants (folding runs as in eval mode)."""
+
+    training = False
+
+
+def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, opset: int) -> Interpreted:
+    """Reads every node of ``graph`` once: folds constants and builds a :class:`Step` for the rest.
+
+    Args:
+        graph: a graph that passed ``check_onnx_bytes`` (topologically sorted, allowed ops only).
+        input_name: the graph input fed with ``example``.
+        example: the dry-run input, (DRY_BATCH, C, H, W) float32.
+        opset: the default-domain opset the graph was written for.
+
+    Raises:
+        UnsupportedModelError: a node uses an unsupported form of its op, or the dry run fails.
+    """
+    values: dict[str, Value] = {init.name: Const(tensor_from_proto(init)) for init in graph.initializer}
+    values[input_name] = Dyn(example)
+    steps: dict[str, Step] = {}
+    producers: dict[str, onnx.NodeProto] = {}
+    env: dict[str, torch.Tensor] = {input_name: example}
+    for node in graph.node:
+        for out in node.output:
+            if out:
+                producers[out] = node
+        ins: list[Value | None] = []
+        for name in node.input:
+            if not name:
+                ins.append(None)
+                continue
+            if name not in values:
+                raise _fail(node, f"input {name!r} is not produced by any earlier node")
+            ins.append(values[name])
+        ctx = Ctx(node, ins, opset)
+        op = node.op_type
+        outs = [o for o in node.output if o]
+        if not outs:
+            continue
+        if len(outs) > 1 and op not in ("Dropout", "BatchNormalization", "MaxPool"):
+            raise ctx.fail("nodes with several outputs are not supported")
+        try:
+            if op == "Constant":
+                if len(ctx.attrs) != 1:
+                    raise ctx.fail("a Constant needs exactly one value attribute")
+                (key, val), = ctx.attrs.items()
+                if key == "value":
+                    values[outs[0]] = Const(val)
+                elif key in ("value_float", "value_floats"):
+                    values[outs[0]] = Const(torch.tensor(val, dtype=torch.float32))
+                elif key in ("value_int", "value_ints"):
+                    values[outs[0]] = Const(torch.tensor(val, dtype=torch.int64))
+                else:
+                    raise ctx.fail(f"Constant {key} is not supported")
+                continue
+            if op == "Shape":
+                shape = list(ctx.shape(0))
+                if isinstance(ins[0], Dyn):
+                    shape[0] = BATCH  # the batch stays on axis 0 (checked by load_onnx_model)
+                start, end = ctx.attr("start", 0), ctx.attr("end", None)
+                shape = shape[slice(start, end)]
+                values[outs[0]] = _sym_or_tensor(shape, False)
+                continue
+            if all(isinstance(v, Const) for v in ins if v is not None):
+                if any(isinstance(v, Const) and isinstance(v.value, SymInts) for v in ins):
+                    values[outs[0]] = fold_symbolic(ctx)
+                    continue
+                fn = PREPARERS[op](ctx)
+                with torch.no_grad():
+                    args = [v.value if isinstance(v, Const) else None for v in ins]
+                    values[outs[0]] = Const(fn(_Frozen(), args).detach())  # type: ignore[arg-type]
+                continue
+            fn = PREPARERS[op](ctx)
+            dyn_inputs = {i: name for i, (name, v) in enumerate(zip(node.input, ins, strict=True)) if isinstance(v, Dyn)}
+            # Dynamic inputs win over constants in the same slot; constants not kept were resolved into fn.
+            step = Step(op, fn, len(ins), dyn_inputs, ctx.kept, outs[0])
+            step.eval()  # the dry run must not update BatchNorm running statistics
+            with torch.no_grad():
+                y = step(env)
+        except UnsupportedModelError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as e:
+            raise _fail(node, f"cannot be evaluated ({type(e).__name__}: {e})") from None
+        env[outs[0]] = y
+        values[outs[0]] = Dyn(y)
+        steps[outs[0]] = step
+    return Interpreted(values, steps, producers)
