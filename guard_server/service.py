@@ -57,7 +57,7 @@ class ModelInfo:
     output_dim: int
 
 
-def inspect_onnx(data: bytes, task: str) -> ModelInfo:
+def inspect_onnx(data: bytes, task: str, max_bytes: int = 512 * 1024 * 1024) -> ModelInfo:
     """Runs the engine's ONNX checks (single file, standard domains, op allow-list, caps) and reads the I/O.
 
     Raises:
@@ -65,7 +65,7 @@ def inspect_onnx(data: bytes, task: str) -> ModelInfo:
     """
     from drmguard_engine.onnx_io import check_onnx_bytes
 
-    proto = check_onnx_bytes(data)
+    proto = check_onnx_bytes(data, max_bytes=max_bytes)
     inits = {i.name for i in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in inits]
     if len(inputs) != 1 or len(proto.graph.output) != 1:
@@ -267,7 +267,7 @@ class GuardCore:
                                     "this version was submitted before with identical bytes; answering from the record")
             raise AlreadyExistsError(f"{sub.name}:{sub.version} already exists with different bytes; "
                                      "submit under a new version")
-        info = inspect_onnx(sub.model, sub.task)  # ONNX checked before anything else runs
+        info = inspect_onnx(sub.model, sub.task, self.settings.max_model_bytes)  # ONNX checked before anything else runs
         # Benign set.
         if sub.benign_set_id:
             b = self.store.benign(sub.benign_set_id)

@@ -1,0 +1,9 @@
+"""``python -m guard_server`` = ``drmguard-server``."""
+
+from __future__ import annotations
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
