@@ -191,6 +191,7 @@ class Ctx:
 
 
 Fn = Callable[["Step", list[Any]], torch.Tensor]
+_MIN_ARGS = 6  # more than any op's optional inputs
 
 
 class Step(nn.Module):
@@ -221,7 +222,8 @@ class Step(nn.Module):
             self.const_slots[slot] = name
 
     def forward(self, env: dict[str, torch.Tensor]) -> torch.Tensor:
-        args: list[Any] = [None] * self.n_inputs
+        # Padded with None so that functions may read optional inputs the node left out.
+        args: list[Any] = [None] * max(self.n_inputs, _MIN_ARGS)
         for slot, name in self.dyn_inputs.items():
             args[slot] = env[name]
         for slot, name in self.const_slots.items():
@@ -692,9 +694,9 @@ def _slice_spec(ctx: Ctx) -> list[tuple[int, int, int, int]]:
     spec = []
     for st, en, ax, sp in zip(starts, ends, axes, steps, strict=True):
         ax = int(ax) % len(shape)
-        if sp <= 0:
-            raise ctx.fail("Slice with a non-positive step is not supported")
-        # ONNX clamps like Python slices for positive steps; resolve against the static size.
+        if sp == 0:
+            raise ctx.fail("Slice with step 0 is invalid")
+        # ONNX clamps starts/ends like Python slices do; resolve them against the static size.
         lo, hi, _ = slice(int(st), int(en), int(sp)).indices(shape[ax])
         spec.append((ax, lo, hi, int(sp)))
     return spec
@@ -704,14 +706,26 @@ def prep_slice(ctx: Ctx) -> Fn:
     spec = _slice_spec(ctx)
     dyn = isinstance(ctx.ins[0], Dyn)
     index: list[slice] = [slice(None)] * len(ctx.shape(0))
+    # torch slices take positive steps only; negative ones (exporters reverse pad lists) gather indices.
+    reversed_axes: list[tuple[int, list[int]]] = []
     for ax, lo, hi, sp in spec:
         if dyn and ax == 0:
             if (lo, hi, sp) != (0, DRY_BATCH, 1):
                 raise ctx.fail("slicing the batch axis is not supported")
             continue
-        index[ax] = slice(lo, hi, sp)
+        if sp > 0:
+            index[ax] = slice(lo, hi, sp)
+        else:
+            reversed_axes.append((ax, list(range(lo, hi, sp))))
     tup = tuple(index)
-    return lambda step, a: a[0][tup]
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        x = a[0][tup]
+        for ax, ids in reversed_axes:
+            x = x.index_select(ax, torch.tensor(ids, dtype=torch.long, device=x.device))
+        return x
+
+    return fn
 
 
 def prep_cast(ctx: Ctx) -> Fn:
@@ -870,7 +884,16 @@ def prep_matmul(ctx: Ctx) -> Fn:
     return lambda step, a: torch.matmul(a[0], a[1])
 
 
+def prep_constant_of_shape(ctx: Ctx) -> Fn:
+    # Only ever folded (its input is a shape); exporters use it to build Pad amounts.
+    shape = ctx.static_ints(0, "ConstantOfShape shape")
+    value = ctx.attr("value")
+    fill = value.reshape(-1)[0] if isinstance(value, torch.Tensor) else torch.tensor(0.0)
+    return lambda step, a: torch.full(shape, fill.item(), dtype=fill.dtype)
+
+
 PREPARERS: dict[str, Callable[[Ctx], Fn]] = {
+    "ConstantOfShape": prep_constant_of_shape,
     "Conv": prep_conv,
     "ConvTranspose": prep_conv_transpose,
     "BatchNormalization": prep_batchnorm,
@@ -965,10 +988,12 @@ def fold_symbolic(ctx: Ctx) -> Const:
         picked = [vals[int(i)] for i in idx.reshape(-1).tolist()]
         return _sym_or_tensor(picked, idx.dim() == 0)
     if op == "Slice":
-        (_, lo, hi, sp), *rest = _slice_spec(ctx) if not scalar else [(0, 0, 0, 1)]
-        if rest or scalar:
-            raise ctx.fail("slicing a shape must be one-dimensional")
-        return _sym_or_tensor(vals[lo:hi:sp], False)
+        if scalar:
+            raise ctx.fail("slicing a scalar shape entry is not supported")
+        out_vals = list(vals)
+        for _, lo, hi, sp in _slice_spec(ctx):
+            out_vals = [out_vals[i] for i in range(lo, hi, sp)]
+        return _sym_or_tensor(out_vals, False)
     if op == "Concat":
         out: list[Any] = []
         for lst in lists:
@@ -1091,6 +1116,7 @@ def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, op
                 fn = PREPARERS[op](ctx)
                 with torch.no_grad():
                     args = [v.value if isinstance(v, Const) else None for v in ins]
+                    args += [None] * (_MIN_ARGS - len(args))
                     values[outs[0]] = Const(fn(_Frozen(), args).detach())  # type: ignore[arg-type]
                 continue
             fn = PREPARERS[op](ctx)

@@ -1,0 +1,455 @@
+"""ONNX export, the hostile-input gate and the interpreter import (drmguard_engine.onnx_io)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from drmguard_engine.errors import ConfigError, UnsupportedModelError
+from drmguard_engine.onnx_io import ImportedModel, check_onnx_bytes, export_onnx, load_onnx_model
+
+SIZE = 32
+ATOL = 1e-4
+
+
+class _Block(nn.Module):
+    """Depthwise-separable residual block with BatchNorm and a squeeze-excite gate."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False)
+        self.bn1 = nn.BatchNorm2d(c)
+        self.pw = nn.Conv2d(c, c, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.se = nn.Linear(c, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self.bn1(self.dw(x)))
+        y = self.bn2(self.pw(y))
+        gate = torch.sigmoid(self.se(y.mean((2, 3))))[:, :, None, None]
+        return F.leaky_relu(x + y * gate, 0.1)
+
+
+class ZooNet(nn.Module):
+    """A small regression net touching many ops: normalisation, BN, depthwise, pools, residuals, resize."""
+
+    def __init__(self, d: int = 2) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.2, 0.25, 0.3]).view(1, 3, 1, 1))
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.block = _Block(8)
+        self.pool_max = nn.MaxPool2d(3, stride=2, padding=1)
+        self.pool_avg = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.mix = nn.Conv2d(16, 12, 3, padding=1, dilation=1)
+        self.head = nn.Linear(12 * 2, d)
+        self.input_shape = (3, SIZE, SIZE)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        x = F.hardswish(self.bn(self.stem(x)))  # 16x16
+        x = self.block(x)
+        a = self.pool_avg(self.pool_max(x))  # 8x8
+        b = F.interpolate(F.avg_pool2d(a, 2), scale_factor=2.0, mode="nearest")  # 8x8
+        u = F.avg_pool2d(self.up(a), 2)  # 8x8
+        x = torch.cat([a + b, torch.tanh(u)], 1)
+        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        x = F.relu(self.mix(x))
+        x = F.interpolate(x, size=(5, 5), mode="bilinear", align_corners=False)
+        g_avg = F.adaptive_avg_pool2d(x, 1)
+        g_max = F.adaptive_max_pool2d(x, 1)
+        return torch.cat([g_avg, g_max], 1).view(x.size(0), -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class SigmoidAtEnd(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+        self.input_shape = (3, SIZE, SIZE)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = F.relu(self.conv(x)).mean((2, 3))
+        return torch.sigmoid(self.fc(f))
+
+
+def _trained_bn(model: nn.Module) -> nn.Module:
+    """Gives BatchNorm layers non-trivial running statistics, then switches to eval."""
+    torch.manual_seed(0)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(8, 3, SIZE, SIZE))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def zoo() -> tuple[nn.Module, bytes, ImportedModel]:
+    torch.manual_seed(0)
+    model = _trained_bn(ZooNet())
+    data = export_onnx(model, None)
+    return model, data, load_onnx_model(data)
+
+
+def _ort(data: bytes, x: torch.Tensor) -> np.ndarray:
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return sess.run(None, {name: x.numpy()})[0]
+
+
+def _x(n: int = 4, seed: int = 3) -> torch.Tensor:
+    return torch.rand(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+
+
+def test_round_trip_matches_torch_and_onnxruntime(zoo):
+    model, data, imported = zoo
+    x = _x(5)
+    with torch.no_grad():
+        want = model(x)
+        got = imported(x)
+    assert got.shape == (5, 2)
+    assert (got - want).abs().max().item() < ATOL
+    assert np.abs(_ort(data, x) - want.numpy()).max() < ATOL
+    # F and H split where the torch model splits.
+    with torch.no_grad():
+        assert (imported.features(x) - model.features(x)).abs().max().item() < ATOL
+    assert imported.head.weight.shape == (2, 24)
+    assert torch.allclose(imported.head.weight, model.head.weight)
+    assert imported.input_shape == (3, SIZE, SIZE) and imported.output_dim == 2 and imported.feature_dim == 24
+
+
+def test_gradients_flow_to_input_and_weights(zoo):
+    _, _, imported = zoo
+    x = _x(2).requires_grad_(True)
+    imported.zero_grad()
+    imported(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    convs = [p for n, p in imported.named_parameters() if p.dim() == 4]
+    assert convs and all(p.grad is not None and p.grad.abs().sum() > 0 for p in convs)
+    assert imported.head.weight.grad is not None
+
+
+def test_import_then_export_keeps_names_and_values(tmp_path: Path):
+    torch.manual_seed(1)
+    model = _trained_bn(ZooNet(d=3))
+    data = export_onnx(model, None, input_name="face", output_name="head_pose_deg")
+    imported = load_onnx_model(data)
+    assert (imported.input_name, imported.output_name) == ("face", "head_pose_deg")
+    path = tmp_path / "out" / "mitigated.onnx"
+    again = export_onnx(imported, path)
+    assert path.read_bytes() == again
+    assert not list(path.parent.glob(".*.tmp"))
+    g = onnx.load_model_from_string(again).graph
+    assert [i.name for i in g.input] == ["face"] and [o.name for o in g.output] == ["head_pose_deg"]
+    assert g.input[0].type.tensor_type.shape.dim[0].dim_param  # batch stays dynamic
+    x = _x(3)
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.abs(_ort(again, x) - want).max() < ATOL
+    assert (load_onnx_model(path)(x) - torch.from_numpy(want)).abs().max().item() < ATOL
+
+
+def test_engine_model_round_trip():
+    from drmguard_engine.models import build_model
+
+    model = build_model("tiny", "gaze", input_size=SIZE, seed=0).eval()
+    data = export_onnx(model)  # input_shape from the model
+    imported = load_onnx_model(data)
+    x = _x(3)
+    with torch.no_grad():
+        assert (imported(x) - model(x)).abs().max().item() < ATOL
+        assert (imported.features(x) - model.features(x)).abs().max().item() < ATOL
+    assert np.abs(_ort(data, x) - model(x).detach().numpy()).max() < ATOL
+
+
+def test_imported_model_fine_tunes():
+    torch.manual_seed(2)
+    imported = load_onnx_model(export_onnx(_trained_bn(ZooNet()), None))
+    x, y = _x(4), torch.randn(4, 2)
+    imported.train()
+    opt = torch.optim.SGD(imported.parameters(), lr=0.05)
+    losses = []
+    for _ in range(3):
+        opt.zero_grad()
+        loss = F.l1_loss(imported(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    imported.eval()
+    # Fine-tuned weights, batch statistics included, export and run under ONNX Runtime unchanged.
+    data = export_onnx(imported)
+    with torch.no_grad():
+        assert np.abs(_ort(data, x) - imported(x).numpy()).max() < ATOL
+
+
+def test_export_rejects_old_opset_and_missing_shape():
+    with pytest.raises(ConfigError, match="opset"):
+        export_onnx(SigmoidAtEnd(), None, opset=13)
+    with pytest.raises(ConfigError, match="input_shape"):
+        export_onnx(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)), None)
+
+
+# ---------------------------------------------------------------------------------------------- the head
+
+
+def test_sigmoid_after_final_linear_is_refused():
+    data = export_onnx(SigmoidAtEnd(), None, check=False)
+    with pytest.raises(UnsupportedModelError, match=r"must end in one linear layer .*found Sigmoid after it"):
+        load_onnx_model(data)
+
+
+def _graph_model(
+    nodes: list[onnx.NodeProto],
+    inits: dict[str, np.ndarray],
+    *,
+    out_dim: int = 2,
+    in_shape: tuple = ("N", 3, 8, 8),
+    opset: int = 17,
+    domains: tuple[tuple[str, int], ...] = (),
+) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out_dim])],
+        [numpy_helper.from_array(v.astype(v.dtype), k) for k, v in inits.items()],
+    )
+    imports = [helper.make_opsetid("", opset)] + [helper.make_opsetid(d, v) for d, v in domains]
+    return helper.make_model(graph, opset_imports=imports, ir_version=8)
+
+
+def _conv_gap_inits(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {
+        "w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "b": rng.standard_normal(4).astype(np.float32),
+        "shape": np.array([0, -1], dtype=np.int64),
+    }
+
+
+def _features_nodes() -> list[onnx.NodeProto]:
+    # SAME_UPPER conv, a Relu, GAP, then the "Reshape to [0,-1]" flatten of other exporters.
+    return [
+        helper.make_node("Conv", ["x", "w", "b"], ["c"], auto_pad="SAME_UPPER", strides=[2, 2]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["p"]),
+        helper.make_node("Reshape", ["p", "shape"], ["f"]),
+    ]
+
+
+def _check_against_ort(model: onnx.ModelProto, imported: ImportedModel, n: int = 3) -> None:
+    x = torch.rand(n, *imported.input_shape, generator=torch.Generator().manual_seed(5))
+    want = _ort(model.SerializeToString(), x)
+    with torch.no_grad():
+        got = imported(x).numpy()
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < ATOL
+
+
+def test_matmul_add_head_is_found():
+    rng = np.random.default_rng(0)
+    inits = _conv_gap_inits(rng) | {
+        "W": rng.standard_normal((4, 2)).astype(np.float32),
+        "B": rng.standard_normal(2).astype(np.float32),
+    }
+    nodes = _features_nodes() + [
+        helper.make_node("MatMul", ["f", "W"], ["mm"]),
+        helper.make_node("Add", ["B", "mm"], ["lin"]),
+        helper.make_node("Identity", ["lin"], ["y"]),
+    ]
+    model = _graph_model(nodes, inits)
+    imported = load_onnx_model(model.SerializeToString())
+    assert torch.allclose(imported.head.weight, torch.from_numpy(inits["W"].T))
+    assert torch.allclose(imported.head.bias, torch.from_numpy(inits["B"]))
+    _check_against_ort(model, imported)
+
+
+def test_gemm_head_honours_trans_alpha_beta():
+    rng = np.random.default_rng(1)
+    inits = _conv_gap_inits(rng) | {
+        "W": rng.standard_normal((4, 2)).astype(np.float32),  # (m, d): transB = 0
+        "C": rng.standard_normal((1, 2)).astype(np.float32),
+    }
+    nodes = _features_nodes() + [
+        helper.make_node("Transpose", ["f"], ["ft"], perm=[1, 0]),
+        helper.make_node("Gemm", ["ft", "W", "C"], ["y"], alpha=0.5, beta=2.0, transA=1, transB=0),
+    ]
+    model = _graph_model(nodes, inits)
+    imported = load_onnx_model(model.SerializeToString())
+    assert torch.allclose(imported.head.weight, 0.5 * torch.from_numpy(inits["W"].T))
+    assert torch.allclose(imported.head.bias, 2.0 * torch.from_numpy(inits["C"][0]))
+    assert imported.features(torch.rand(3, 3, 8, 8)).shape == (3, 4)
+    _check_against_ort(model, imported)
+
+
+def test_shape_gather_concat_flatten_pattern_folds():
+    # x.view(x.size(0), c * h * w) as exporters write it: Shape, Gather, Mul, Unsqueeze, Concat, Reshape.
+    rng = np.random.default_rng(2)
+    inits = {
+        "w": rng.standard_normal((2, 3, 3, 3)).astype(np.float32),
+        "i0": np.array(0, dtype=np.int64),
+        "i1": np.array(1, dtype=np.int64),
+        "i2": np.array(2, dtype=np.int64),
+        "i3": np.array(3, dtype=np.int64),
+        "ax0": np.array([0], dtype=np.int64),
+        "W": rng.standard_normal((2, 2 * 4 * 4)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[0, 0, 1, 1], strides=[2, 2]),
+        helper.make_node("MaxPool", ["c"], ["m"], kernel_shape=[2, 2], pads=[1, 1, 0, 0], strides=[1, 1]),
+        helper.make_node("Shape", ["m"], ["s"]),
+        helper.make_node("Gather", ["s", "i0"], ["n"], axis=0),
+        helper.make_node("Gather", ["s", "i1"], ["ch"], axis=0),
+        helper.make_node("Gather", ["s", "i2"], ["h"], axis=0),
+        helper.make_node("Gather", ["s", "i3"], ["w_"], axis=0),
+        helper.make_node("Mul", ["ch", "h"], ["chh"]),
+        helper.make_node("Mul", ["chh", "w_"], ["chw"]),
+        helper.make_node("Unsqueeze", ["n", "ax0"], ["n1"]),
+        helper.make_node("Unsqueeze", ["chw", "ax0"], ["k1"]),
+        helper.make_node("Concat", ["n1", "k1"], ["target"], axis=0),
+        helper.make_node("Reshape", ["m", "target"], ["f"]),
+        helper.make_node("Gemm", ["f", "W"], ["y"], transB=1),
+    ]
+    model = _graph_model(nodes, inits)
+    imported = load_onnx_model(model.SerializeToString())
+    _check_against_ort(model, imported, n=5)
+    # The folded reshape is batch-independent: re-exported, it runs at any batch size.
+    _check_against_ort(onnx.load_model_from_string(export_onnx(imported)), imported, n=1)
+
+
+def test_graph_without_linear_layer_is_refused():
+    rng = np.random.default_rng(3)
+    inits = _conv_gap_inits(rng)
+    inits["w"] = inits["w"][:2]
+    inits["b"] = inits["b"][:2]
+    model = _graph_model(_features_nodes()[:-1] + [helper.make_node("Flatten", ["p"], ["y"])], inits)
+    with pytest.raises(UnsupportedModelError, match="found no Gemm or MatMul"):
+        load_onnx_model(model.SerializeToString())
+
+
+def test_graph_that_mixes_the_batch_is_refused():
+    rng = np.random.default_rng(4)
+    inits = _conv_gap_inits(rng) | {"W": rng.standard_normal((2, 4)).astype(np.float32)}
+    nodes = _features_nodes() + [
+        helper.make_node("ReduceMean", ["f"], ["mu"], axes=[0], keepdims=1),
+        helper.make_node("Sub", ["f", "mu"], ["fc"]),
+        helper.make_node("Gemm", ["fc", "W"], ["y"], transB=1),
+    ]
+    with pytest.raises(UnsupportedModelError, match="mixes samples of a batch"):
+        load_onnx_model(_graph_model(nodes, inits).SerializeToString())
+
+
+# ---------------------------------------------------------------------------------------------- the gate
+
+
+def test_truncated_and_garbage_bytes_are_refused(zoo):
+    _, data, _ = zoo
+    for bad in (data[: len(data) // 2], b"\x00\xff garbage \x13" * 10, b""):
+        with pytest.raises(UnsupportedModelError, match="not a valid ONNX model"):
+            check_onnx_bytes(bad)
+    with pytest.raises(UnsupportedModelError, match="limit"):
+        check_onnx_bytes(data, max_bytes=1000)
+
+
+def test_external_data_is_refused(zoo):
+    _, data, _ = zoo
+    model = onnx.load_model_from_string(data)
+    init = model.graph.initializer[0]
+    init.ClearField("raw_data")
+    init.data_location = TensorProto.EXTERNAL
+    entry = init.external_data.add()
+    entry.key, entry.value = "location", "../../etc/passwd"
+    with pytest.raises(UnsupportedModelError, match="external data"):
+        check_onnx_bytes(model.SerializeToString())
+
+
+def test_custom_domain_op_is_refused():
+    rng = np.random.default_rng(5)
+    inits = _conv_gap_inits(rng) | {"W": rng.standard_normal((2, 4)).astype(np.float32)}
+    nodes = _features_nodes() + [
+        helper.make_node("Gemm", ["f", "W"], ["g"], transB=1),
+        helper.make_node("Evil", ["g"], ["y"], domain="com.example"),
+    ]
+    data = _graph_model(nodes, inits, domains=(("com.example", 1),)).SerializeToString()
+    with pytest.raises(UnsupportedModelError, match="domain 'com.example' is not allowed"):
+        check_onnx_bytes(data)
+
+
+def test_ops_outside_the_allow_list_are_refused():
+    rng = np.random.default_rng(6)
+    inits = _conv_gap_inits(rng) | {"W": rng.standard_normal((2, 4)).astype(np.float32)}
+    nodes = _features_nodes() + [
+        helper.make_node("Gemm", ["f", "W"], ["g"], transB=1),
+        helper.make_node("Sin", ["g"], ["y"]),
+    ]
+    with pytest.raises(UnsupportedModelError, match="op 'Sin' .* not supported"):
+        check_onnx_bytes(_graph_model(nodes, inits).SerializeToString())
+
+
+def test_wrong_input_and_output_shapes_are_refused():
+    rng = np.random.default_rng(7)
+    w = {"W": rng.standard_normal((2, 8)).astype(np.float32)}
+    flat = [helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)]
+    with pytest.raises(UnsupportedModelError, match="rank 4"):
+        check_onnx_bytes(_graph_model(flat, w, in_shape=("N", 8)).SerializeToString())
+    inits = _conv_gap_inits(rng)
+    with pytest.raises(UnsupportedModelError, match="fixed C,H,W"):
+        check_onnx_bytes(_graph_model(_features_nodes(), inits, in_shape=("N", 3, "H", 8)).SerializeToString())
+    bad_out = _graph_model(_features_nodes()[:3] + [helper.make_node("Identity", ["p"], ["y"])], inits)
+    bad_out.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 1, 1]))
+    with pytest.raises(UnsupportedModelError, match="rank 2"):
+        check_onnx_bytes(bad_out.SerializeToString())
+
+
+def test_checker_failure_is_refused():
+    rng = np.random.default_rng(8)
+    inits = _conv_gap_inits(rng) | {"W": rng.standard_normal((2, 4)).astype(np.float32)}
+    nodes = _features_nodes() + [helper.make_node("Gemm", ["f", "missing"], ["y"], transB=1)]
+    with pytest.raises(UnsupportedModelError, match="not a valid ONNX model"):
+        check_onnx_bytes(_graph_model(nodes, inits).SerializeToString())
+
+
+def test_missing_file_is_refused(tmp_path: Path):
+    with pytest.raises(UnsupportedModelError, match="cannot read"):
+        load_onnx_model(tmp_path / "nope.onnx")
+
+
+def test_engine_does_not_import_onnxruntime():
+    code = "import sys, drmguard_engine.onnx_io; assert 'onnxruntime' not in sys.modules, 'onnxruntime imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_dynamo_exporter_output_imports(zoo):
+    pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (dev extra)")
+    model, _, _ = zoo
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            model, (_x(2),), dynamo=True, input_names=["input"], output_names=["output"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},), opset_version=18, verbose=False,
+        )
+    data = prog.model_proto.SerializeToString()
+    imported = load_onnx_model(data)
+    x = _x(3)
+    with torch.no_grad():
+        assert (imported(x) - model(x)).abs().max().item() < ATOL
