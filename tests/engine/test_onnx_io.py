@@ -53,6 +53,7 @@ class ZooNet(nn.Module):
         self.pool_max = nn.MaxPool2d(3, stride=2, padding=1)
         self.pool_avg = nn.AvgPool2d(3, stride=1, padding=1, count_include_pad=False)
         self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.bn_cat = nn.BatchNorm2d(16)  # not after a conv, so the exporter cannot fold it away
         self.mix = nn.Conv2d(16, 12, 3, padding=1, dilation=1)
         self.head = nn.Linear(12 * 2, d)
         self.input_shape = (3, SIZE, SIZE)
@@ -64,7 +65,7 @@ class ZooNet(nn.Module):
         a = self.pool_avg(self.pool_max(x))  # 8x8
         b = F.interpolate(F.avg_pool2d(a, 2), scale_factor=2.0, mode="nearest")  # 8x8
         u = F.avg_pool2d(self.up(a), 2)  # 8x8
-        x = torch.cat([a + b, torch.tanh(u)], 1)
+        x = self.bn_cat(torch.cat([a + b, torch.tanh(u)], 1))
         x = F.pad(x, (1, 1, 1, 1), mode="reflect")
         x = F.relu(self.mix(x))
         x = F.interpolate(x, size=(5, 5), mode="bilinear", align_corners=False)
