@@ -15,6 +15,7 @@ Why an interpreter of our own rather than onnx2torch: see ``docs/onnx-import.md`
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from google.protobuf.message import DecodeError
 from torch import nn
 
 from .errors import ConfigError, UnsupportedModelError
-from .onnx_ops import ALLOWED_OPS, DRY_BATCH, Const, Dyn, GraphBody, Interpreted, interpret
+from .onnx_ops import ALLOWED_OPS, DRY_BATCH, MAX_ELEMENTS, Const, Dyn, GraphBody, Interpreted, interpret
 
 #: Largest ONNX file accepted (a ResNet-34 regression model is about 85 MB).
 DEFAULT_MAX_BYTES = 512 * 1024 * 1024
@@ -274,6 +275,11 @@ def check_onnx_bytes(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> onnx
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsupportedModelError(f"not a valid ONNX model: {first[:500]}") from None
+    # Shape inference knows most intermediate sizes: refuse giant tensors before anything is allocated.
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        vdims = _dims(vi.type) or []
+        if math.prod(d for d in vdims if isinstance(d, int) and d > 0) > MAX_ELEMENTS:
+            raise UnsupportedModelError(f"tensor {vi.name!r} of shape {vdims} is over the {MAX_ELEMENTS}-element limit")
     out_dims = _dims(out.type) or _dims(inferred.graph.output[0].type)
     if out_dims is not None and len(out_dims) != 2:
         raise UnsupportedModelError(f"output {out.name!r} must have rank 2 (N,d), got shape {out_dims}")

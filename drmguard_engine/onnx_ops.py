@@ -36,6 +36,9 @@ from .errors import UnsupportedModelError
 
 #: Batch size of the import-time dry run. 2, not 1: a graph that hard-codes batch 1 fails at import.
 DRY_BATCH = 2
+#: Largest tensor (elements, at the dry-run batch) an op may create: a hostile file cannot make the import
+#: allocate more than about 1 GiB for one value through huge Resize sizes, pads or ConstantOfShape.
+MAX_ELEMENTS = 1 << 28
 
 
 class _Batch:
@@ -183,6 +186,11 @@ class Ctx:
         if any(v is BATCH for v in vals):
             raise self.fail(f"{what} depends on the batch size, which is not supported here")
         return vals
+
+    def check_size(self, shape: Sequence[int]) -> None:
+        """Refuses an output larger than :data:`MAX_ELEMENTS` before it is allocated."""
+        if any(int(d) < 0 for d in shape) or math.prod(int(d) for d in shape) > MAX_ELEMENTS:
+            raise self.fail(f"would create a tensor of shape {list(shape)}, over the {MAX_ELEMENTS}-element limit")
 
     def keep(self, i: int, *, trainable: bool) -> None:
         """Binds constant input i into the step (as a parameter if trainable, else a buffer)."""
@@ -340,6 +348,7 @@ def prep_conv_transpose(ctx: Ctx) -> Fn:
         pads = _pairs(ctx, "pads", 0, 4) if auto == "NOTSET" else [0, 0, 0, 0]
     else:
         raise ctx.fail(f"auto_pad={auto!r} is not supported")
+    ctx.check_size([ctx.shape(0)[0], int(w.shape[1]) * groups, *full])
     ctx.keep(1, trainable=True)
     ctx.keep(2, trainable=True)
     hw_out = [full[0] - pads[0] - pads[2], full[1] - pads[1] - pads[3]]
@@ -768,6 +777,7 @@ def prep_pad(ctx: Ctx) -> Fn:
         torch_pad += [begin.get(ax, 0), end.get(ax, 0)]
     while len(torch_pad) > 2 and torch_pad[-2:] == [0, 0]:
         torch_pad = torch_pad[:-2]
+    ctx.check_size([d + begin.get(i, 0) + end.get(i, 0) for i, d in enumerate(ctx.shape(0))])
     tmode = modes[mode]
     if tmode == "constant":
         return lambda step, a: F.pad(a[0], torch_pad, value=value)
@@ -824,6 +834,9 @@ def prep_resize(ctx: Ctx) -> Fn:
             raise ctx.fail("Resize must scale only the spatial axes")
         scales = sc[2:]
         out_hw = [math.floor(h * scales[0]), math.floor(w * scales[1])]
+    ctx.check_size([n, c, *out_hw])
+    if min(out_hw) <= 0:
+        raise ctx.fail(f"Resize to {out_hw} leaves no pixels")
     eff = scales or [out_hw[0] / h, out_hw[1] / w]
     if mode == "nearest":
         supported = ("asymmetric", "half_pixel", "pytorch_half_pixel", "align_corners", "tf_half_pixel_for_nn")
@@ -887,6 +900,7 @@ def prep_matmul(ctx: Ctx) -> Fn:
 def prep_constant_of_shape(ctx: Ctx) -> Fn:
     # Only ever folded (its input is a shape); exporters use it to build Pad amounts.
     shape = ctx.static_ints(0, "ConstantOfShape shape")
+    ctx.check_size(shape)
     value = ctx.attr("value")
     fill = value.reshape(-1)[0] if isinstance(value, torch.Tensor) else torch.tensor(0.0)
     return lambda step, a: torch.full(shape, fill.item(), dtype=fill.dtype)
