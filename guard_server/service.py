@@ -541,7 +541,9 @@ class GuardCore:
         self.hub.publish(scan_id, {"state": row.state, "message": row.reason, "verdict": row.verdict,
                                    "perturbation_ratio": row.perturbation_ratio, "final": True,
                                    "admitted_version": row.admitted_version, "mitigated": bool(row.mitigated)})
-        threading.Timer(120.0, self.hub.forget, args=(scan_id,)).start()
+        timer = threading.Timer(120.0, self.hub.forget, args=(scan_id,))
+        timer.daemon = True  # must not keep a stopping server alive
+        timer.start()
 
     # ------------------------------------------------------------------------------------ serving
     def _try_activate(self, name: str, version: str) -> None:
