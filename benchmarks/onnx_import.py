@@ -61,6 +61,26 @@ def _measure_module(module: Any, x_np: np.ndarray, ref: np.ndarray, repeat: int)
     }
 
 
+def _trained_like_bn(model: Any, seed: int) -> None:
+    """Gives every BatchNorm random affine parameters and running statistics, as training would.
+
+    A fresh ResNet zero-initialises the last BatchNorm scale of each residual block, so after the exporter
+    folds BatchNorm into the convolutions several weight tensors are all zeros; the exporter then stores one
+    copy and adds Identity nodes for the others. Trained models do not have that; fresh ones do (``--bn fresh``).
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.weight.copy_(0.5 + torch.rand(n, generator=gen))
+                m.bias.copy_(0.1 * torch.randn(n, generator=gen))
+                m.running_mean.copy_(0.1 * torch.randn(n, generator=gen))
+                m.running_var.copy_(0.5 + torch.rand(n, generator=gen))
+
+
 def worker(onnx_dir: Path, repeat: int, stub_torchvision: bool) -> dict[str, Any]:
     """Runs inside the onnx2torch venv: imports each model with onnx2torch and measures it."""
     import torch
@@ -130,6 +150,12 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=64, help="input side in pixels")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument(
+        "--bn",
+        choices=("trained", "fresh"),
+        default="trained",
+        help="BatchNorm state: random as after training (default) or as build_model returns it",
+    )
     ap.add_argument("--o2t-python", default=None, help="python of a venv with onnx2torch (skipped if absent)")
     ap.add_argument("--out", default=None, help="write the JSON results here")
     ap.add_argument(
@@ -157,12 +183,8 @@ def main() -> int:
         np.save(work / "x.npy", x.numpy())
         for arch in args.archs.split(","):
             model = build_model(arch, "gaze", input_size=args.size, seed=0).eval()
-            # Non-trivial BatchNorm statistics, as a trained model would have.
-            model.train()
-            with torch.no_grad():
-                for _ in range(2):
-                    model(torch.rand(8, 3, args.size, args.size))
-            model.eval()
+            if args.bn == "trained":
+                _trained_like_bn(model, seed=0)
             with torch.no_grad():
                 ref = model(x).numpy()
                 torch_fwd = _median_time(lambda m=model: m(x), args.repeat)
@@ -178,6 +200,9 @@ def main() -> int:
             ours = {"import_s": statistics.median(imports)} | _measure_module(imported, x.numpy(), ref, args.repeat)
             so = ort.SessionOptions()
             so.intra_op_num_threads = 1
+            # No spinning worker threads left behind to slow down the torch timings that follow.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            so.add_session_config_entry("session.inter_op.allow_spinning", "0")
             sess = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
             feed = {sess.get_inputs()[0].name: x.numpy()}
             ort_out = sess.run(None, feed)[0]
@@ -188,8 +213,10 @@ def main() -> int:
                 "torch_forward_ms": torch_fwd * 1e3,
                 "ort_forward_ms": _median_time(lambda s=sess, f=feed: s.run(None, f), args.repeat) * 1e3,
                 "ort_max_abs_diff": float(np.abs(ort_out - ref).max()),
+                "ref_max_abs": float(np.abs(ref).max()),
                 "ours": ours,
             }
+            del sess, imported
             print(f"{arch}: ours {json.dumps(ours)}", file=sys.stderr)
         o2t: dict[str, Any] = {"skipped": "no --o2t-python given"}
         if args.o2t_python:
@@ -208,6 +235,7 @@ def main() -> int:
         "size": args.size,
         "batch": args.batch,
         "threads": 1,
+        "bn": args.bn,
         "torch": torch.__version__,
         "models": rows,
         "onnx2torch": o2t,
