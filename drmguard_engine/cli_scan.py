@@ -1,0 +1,200 @@
+"""``drmguard-engine scan`` and ``drmguard-engine mitigate`` (registered by ``cli.py``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .cli import CliError, Command, check_device, default_device, existing_file, writable_path
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="the ONNX regression model to vet (read as data, never executed)")
+    p.add_argument("--benign", required=True,
+                   help="benign set D_be: .npz with images (N,C,H,W) uint8 or float32 [0,1] (labels optional for scan)")
+    p.add_argument("--task", required=True, choices=["gaze", "headpose"], help="what the model regresses")
+    p.add_argument("--report", required=True, help="where to write the JSON report")
+    p.add_argument("--profile", default="default",
+                   help="scan profile: default (ours, measured in docs/scan.md), paper (the method as written), "
+                        "fast (smaller budgets), reference")
+    p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
+    p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                   help="override a DRMGuard option (ablations), e.g. --set use_fsrt=false --set lambda2=600 "
+                        "--set epsilon=0.05 --set steps=500; probe options take a probe_ prefix")
+    p.add_argument("--benign-fraction", type=float, default=1.0,
+                   help="use only this fraction of D_be (the D_be-size ablation; default 1.0)")
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"--set expects OPTION=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def _load(a: argparse.Namespace, *, need_labels: bool) -> tuple[Any, Any, Any, str]:
+    import torch
+
+    from .data.benign import load_benign_npz
+    from .onnx_io import load_onnx_model
+    from .tasks import Task
+
+    model_path = existing_file(a.model, "--model")
+    benign_path = existing_file(a.benign, "--benign")
+    task = Task.parse(a.task)
+    device = check_device(a.device or default_device())
+    model = load_onnx_model(model_path)
+    c, h, w = (int(s) for s in model.input_shape)
+    benign = load_benign_npz(benign_path, task=task, require_labels=need_labels, channels=c, size=(h, w))
+    if not 0 < a.benign_fraction <= 1:
+        raise CliError(f"--benign-fraction must be in (0, 1], got {a.benign_fraction}")
+    if a.benign_fraction < 1:
+        g = torch.Generator().manual_seed(0)
+        k = max(4, int(round(len(benign) * a.benign_fraction)))
+        benign = benign.subset(torch.randperm(len(benign), generator=g)[:k])
+    if model.output_dim != task.dim:
+        raise CliError(f"the model has {model.output_dim} outputs but task {task.value} needs {task.dim}; check --task")
+    return model, benign, task, device
+
+
+class _Bar:
+    """One tqdm bar per phase on stderr, with the loss terms and the perturbation ratio."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.bar, self.phase = quiet, None, None
+
+    def __call__(self, ev: Any) -> None:
+        if self.quiet:
+            return
+        from tqdm import tqdm
+
+        if ev.phase != self.phase:
+            self.close()
+            self.phase = ev.phase
+            self.bar = tqdm(total=ev.total, desc=ev.phase, file=sys.stderr, unit="step", dynamic_ncols=True,
+                            disable=None)
+        assert self.bar is not None
+        self.bar.n = ev.step
+        post = {k: f"{v:.4g}" for k, v in list(ev.losses.items())[:4]}
+        if ev.perturbation_ratio is not None:
+            post["ratio"] = f"{ev.perturbation_ratio:.4f}"
+        self.bar.set_postfix(post, refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=float))
+    os.replace(tmp, path)
+
+
+def _run_scan(a: argparse.Namespace) -> dict[str, Any]:
+    from .scan import get_profile, scan
+
+    report_path = writable_path(a.report, "--report")
+    model, benign, task, device = _load(a, need_labels=False)
+    cfg = get_profile(a.profile, task, **_overrides(a.set))
+    bar = _Bar(a.quiet)
+    try:
+        report = scan(model, benign, task, cfg, device=device, progress=bar)
+    finally:
+        bar.close()
+    out = report.to_dict()
+    out["model"] = str(a.model)
+    _write_json(report_path, out)
+    if a.plots:
+        from .plots import scan_plots
+
+        written = scan_plots(report, benign, Path(a.plots), model=model)
+        out["plots"] = [str(p) for p in written]
+    if not a.json:
+        sys.stderr.write(f"{Path(a.model).name}: {report.one_line()}\n")
+        print(f"{report.verdict} (score {report.score:.3f} vs {report.score_threshold:g}; report {report_path})")
+        return None  # type: ignore[return-value]
+    return {k: out[k] for k in ("verdict", "score", "score_threshold", "perturbation_ratio", "threshold",
+                                "decision", "estimated_target", "steps", "seconds", "profile")} | {
+        "report": str(report_path)}
+
+
+def _add_scan(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write PNGs: benign / reversed / residual images, target estimate over steps, angle scatter")
+
+
+def _run_mitigate(a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from .data.benign import BenignSet
+    from .onnx_io import export_onnx
+    from .scan import MitigationConfig, get_profile, mitigate, scan
+
+    report_path = writable_path(a.report, "--report")
+    out_path = writable_path(a.out, "--out")
+    model, benign, task, device = _load(a, need_labels=True)
+    cfg = get_profile(a.profile, task, **_overrides(a.set))
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(benign), generator=g)
+    n_hold = max(2, int(round(a.holdout * len(benign))))
+    hold, train_set = benign.subset(perm[:n_hold]), benign.subset(perm[n_hold:])
+    bar = _Bar(a.quiet)
+    try:
+        report = scan(model, train_set, task, cfg, device=device, progress=bar)
+        if not report.backdoored and not a.force:
+            bar.close()
+            result = {"verdict": report.verdict, "mitigated": False, "scan": report.to_dict(),
+                      "message": "the scan found no backdoor; nothing to mitigate (use --force to fine-tune anyway)"}
+            _write_json(report_path, result)
+            if not a.json:
+                print(f"benign: not mitigated (report {report_path})")
+                return None  # type: ignore[return-value]
+            return {k: result[k] for k in ("verdict", "mitigated", "message")}
+        mcfg = MitigationConfig(steps=a.steps, lr=a.lr)
+        mitigated, mrep = mitigate(model, train_set, task, report=report, config=mcfg, holdout=hold, device=device,
+                                   progress=bar)
+    finally:
+        bar.close()
+    export_onnx(mitigated.cpu(), out_path, input_shape=tuple(model.input_shape), input_name=model.input_name,
+                output_name=model.output_name)
+    result = {"verdict": report.verdict, "mitigated": True, "out": str(out_path), "mitigation": mrep.to_dict(),
+              "scan": report.to_dict()}
+    _write_json(report_path, result)
+    if not a.json:
+        m = mrep
+        print(f"mitigated -> {out_path}: clean error {m.clean_error_before:.2f} -> {m.clean_error_after:.2f} deg, "
+              f"reversed-trigger error {m.reversed_error_before:.2f} -> {m.reversed_error_after:.2f} deg")
+        return None  # type: ignore[return-value]
+    return {"verdict": report.verdict, "mitigated": True, "out": str(out_path), **mrep.to_dict()}
+
+
+def _add_mitigate(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--out", required=True, help="where to write the mitigated ONNX model")
+    p.add_argument("--holdout", type=float, default=0.2,
+                   help="fraction of D_be held back to measure clean error before/after (never trained on)")
+    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps on D_be + D_rp (default 300)")
+    p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
+    p.add_argument("--force", action="store_true", help="fine-tune even when the scan finds no backdoor")
+
+
+COMMANDS = [
+    Command("scan", "scan an ONNX regression model for a backdoor (DRMGuard) and write a JSON report", _add_scan,
+            _run_scan),
+    Command("mitigate", "scan, then unlearn the backdoor (fine-tune on D_be + reversed poisoned set) and export "
+            "the mitigated ONNX model", _add_mitigate, _run_mitigate),
+]
