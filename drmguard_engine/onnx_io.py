@@ -38,7 +38,7 @@ MAX_CHANNELS = 16
 MAX_SIDE = 4096
 MAX_IMAGE_ELEMENTS = 16 * 1024 * 1024
 #: Oldest default-domain opset read (earlier ones use attribute forms the interpreter does not read).
-MIN_OPSET = 11
+MIN_OPSET = 9
 MIN_EXPORT_OPSET = 17
 
 _STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
