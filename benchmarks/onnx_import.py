@@ -66,7 +66,8 @@ def _trained_like_bn(model: Any, seed: int) -> None:
 
     A fresh ResNet zero-initialises the last BatchNorm scale of each residual block, so after the exporter
     folds BatchNorm into the convolutions several weight tensors are all zeros; the exporter then stores one
-    copy and adds Identity nodes for the others. Trained models do not have that; fresh ones do (``--bn fresh``).
+    copy and adds Identity nodes for the others. Trained models do not have that; fresh ones do
+    (``--bn fresh``).
     """
     import torch
 
@@ -197,7 +198,9 @@ def main() -> int:
                 t = time.perf_counter()
                 imported = load_onnx_model(data)
                 imports.append(time.perf_counter() - t)
-            ours = {"import_s": statistics.median(imports)} | _measure_module(imported, x.numpy(), ref, args.repeat)
+            ours = {"import_s": statistics.median(imports)} | _measure_module(
+                imported, x.numpy(), ref, args.repeat
+            )
             so = ort.SessionOptions()
             so.intra_op_num_threads = 1
             # No spinning worker threads left behind to slow down the torch timings that follow.

@@ -211,11 +211,14 @@ def check_onnx_bytes(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> onnx
     for imp in model.opset_import:
         if imp.domain not in _STANDARD_DOMAINS:
             raise UnsupportedModelError(
-                f"operator domain {imp.domain!r} is not allowed: only the standard ai.onnx and ai.onnx.ml domains are read"
+                f"operator domain {imp.domain!r} is not allowed: "
+                "only the standard ai.onnx and ai.onnx.ml domains are read"
             )
     opset = default_opset(model)
     if opset < MIN_OPSET:
-        raise UnsupportedModelError(f"ai.onnx opset {opset} is too old: re-export with opset >= 17 (at least {MIN_OPSET})")
+        raise UnsupportedModelError(
+            f"ai.onnx opset {opset} is too old: re-export with opset >= 17 (at least {MIN_OPSET})"
+        )
     if len(model.functions) > 0:
         raise UnsupportedModelError("model-local functions are not supported: export with functions inlined")
 
@@ -262,9 +265,13 @@ def check_onnx_bytes(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> onnx
         )
     c, h, w = (int(d) for d in chw)  # type: ignore[arg-type]
     if c > MAX_CHANNELS or h > MAX_SIDE or w > MAX_SIDE or c * h * w > MAX_IMAGE_ELEMENTS:
-        raise UnsupportedModelError(f"input shape {dims} is over the limits (C <= {MAX_CHANNELS}, H,W <= {MAX_SIDE})")
+        raise UnsupportedModelError(
+            f"input shape {dims} is over the limits (C <= {MAX_CHANNELS}, H,W <= {MAX_SIDE})"
+        )
     if len(graph.output) != 1:
-        raise UnsupportedModelError(f"the model must have exactly one output (N,d), it has {len(graph.output)}")
+        raise UnsupportedModelError(
+            f"the model must have exactly one output (N,d), it has {len(graph.output)}"
+        )
     out = graph.output[0]
     if out.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise UnsupportedModelError(f"output {out.name!r} must be float32")
@@ -279,7 +286,9 @@ def check_onnx_bytes(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> onnx
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
         vdims = _dims(vi.type) or []
         if math.prod(d for d in vdims if isinstance(d, int) and d > 0) > MAX_ELEMENTS:
-            raise UnsupportedModelError(f"tensor {vi.name!r} of shape {vdims} is over the {MAX_ELEMENTS}-element limit")
+            raise UnsupportedModelError(
+                f"tensor {vi.name!r} of shape {vdims} is over the {MAX_ELEMENTS}-element limit"
+            )
     out_dims = _dims(out.type) or _dims(inferred.graph.output[0].type)
     if out_dims is not None and len(out_dims) != 2:
         raise UnsupportedModelError(f"output {out.name!r} must have rank 2 (N,d), got shape {out_dims}")
@@ -394,8 +403,14 @@ def _const(interp: Interpreted, name: str) -> torch.Tensor | None:
 def _bias(c: torch.Tensor | None, d: int, scale: float, where: str) -> torch.Tensor:
     if c is None:
         return torch.zeros(d)
-    if c.numel() not in (1, d) or (c.dim() >= 1 and c.shape[-1] not in (1, d)) or any(s != 1 for s in c.shape[:-1]):
-        raise UnsupportedModelError(f"{_LINEAR_MSG}; the bias of {where} has shape {list(c.shape)}, expected ({d},)")
+    if (
+        c.numel() not in (1, d)
+        or (c.dim() >= 1 and c.shape[-1] not in (1, d))
+        or any(s != 1 for s in c.shape[:-1])
+    ):
+        raise UnsupportedModelError(
+            f"{_LINEAR_MSG}; the bias of {where} has shape {list(c.shape)}, expected ({d},)"
+        )
     return (c.reshape(-1) * scale).expand(d).clone()
 
 
@@ -420,7 +435,8 @@ def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, b
         d, m = weight.shape
         if (DRY_BATCH, d) != out_shape:
             raise UnsupportedModelError(
-                f"{_LINEAR_MSG}; the linear layer gives ({DRY_BATCH},{d}) at batch {DRY_BATCH} but the output "
+                f"{_LINEAR_MSG}; the linear layer gives ({DRY_BATCH},{d}) at batch {DRY_BATCH} "
+                "but the output "
                 f"is {list(out_shape)} after {', '.join(tail)}"
             )
         lin = nn.Linear(int(m), int(d))
@@ -432,7 +448,9 @@ def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, b
     def check_a(a: str, trans: bool) -> None:
         shape = tuple(values[a].example.shape)  # type: ignore[union-attr]
         if len(shape) != 2 or shape[1 if trans else 0] != DRY_BATCH:
-            raise UnsupportedModelError(f"{_LINEAR_MSG}; its input must be (N,m), got {list(shape)} at batch {DRY_BATCH}")
+            raise UnsupportedModelError(
+                f"{_LINEAR_MSG}; its input must be (N,m), got {list(shape)} at batch {DRY_BATCH}"
+            )
 
     if node.op_type == "Gemm" and isinstance(values.get(node.input[0]), Dyn):
         b = _const(interp, node.input[1])
@@ -450,7 +468,11 @@ def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, b
     if node.op_type == "Add":
         for i, j in ((0, 1), (1, 0)):
             a, other = node.input[i], node.input[j]
-            if isinstance(values.get(a), Dyn) and producers[a].op_type == "MatMul" and _const(interp, other) is not None:
+            if (
+                isinstance(values.get(a), Dyn)
+                and producers[a].op_type == "MatMul"
+                and _const(interp, other) is not None
+            ):
                 matmul, c = producers[a], _const(interp, other)
                 break
     elif node.op_type == "MatMul":
@@ -549,7 +571,8 @@ def _self_check(model: ImportedModel, expected: torch.Tensor, example: torch.Ten
         raise UnsupportedModelError("the graph after the final linear layer changes its values")
     if y3.shape != (3, model.output_dim) or not torch.allclose(y3[:1], y1, atol=1e-4 * scale, rtol=1e-3):
         raise UnsupportedModelError(
-            "the imported graph mixes samples of a batch (the batch must stay on axis 0, and no op may reduce over it)"
+            "the imported graph mixes samples of a batch "
+            "(the batch must stay on axis 0, and no op may reduce over it)"
         )
 
 

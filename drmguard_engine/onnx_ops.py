@@ -190,7 +190,9 @@ class Ctx:
     def check_size(self, shape: Sequence[int]) -> None:
         """Refuses an output larger than :data:`MAX_ELEMENTS` before it is allocated."""
         if any(int(d) < 0 for d in shape) or math.prod(int(d) for d in shape) > MAX_ELEMENTS:
-            raise self.fail(f"would create a tensor of shape {list(shape)}, over the {MAX_ELEMENTS}-element limit")
+            raise self.fail(
+                f"would create a tensor of shape {list(shape)}, over the {MAX_ELEMENTS}-element limit"
+            )
 
     def keep(self, i: int, *, trainable: bool) -> None:
         """Binds constant input i into the step (as a parameter if trainable, else a buffer)."""
@@ -274,7 +276,9 @@ def _pairs(ctx: Ctx, name: str, default: int, n: int = 2) -> list[int]:
     return v
 
 
-def _same_pads(in_hw: Sequence[int], k: Sequence[int], s: Sequence[int], d: Sequence[int], upper: bool) -> list[int]:
+def _same_pads(
+    in_hw: Sequence[int], k: Sequence[int], s: Sequence[int], d: Sequence[int], upper: bool
+) -> list[int]:
     begins, ends = [], []
     for size, kk, ss, dd in zip(in_hw, k, s, d, strict=True):
         out = -(-size // ss)
@@ -335,15 +339,21 @@ def prep_conv_transpose(ctx: Ctx) -> Fn:
     groups = int(ctx.attr("group", 1))
     op = _pairs(ctx, "output_padding", 0)
     in_hw = ctx.shape(0)[2:]
-    full = [(i - 1) * ss + (kk - 1) * dd + 1 + oo for i, ss, kk, dd, oo in zip(in_hw, s, k, d, op, strict=True)]
+    full = [
+        (i - 1) * ss + (kk - 1) * dd + 1 + oo for i, ss, kk, dd, oo in zip(in_hw, s, k, d, op, strict=True)
+    ]
     auto = ctx.attr("auto_pad", "NOTSET")
     if ctx.attr("output_shape") is not None or auto in ("SAME_UPPER", "SAME_LOWER"):
-        target = [int(x) for x in ctx.attr("output_shape", [])][-2:] or [i * ss for i, ss in zip(in_hw, s, strict=True)]
+        target = [int(x) for x in ctx.attr("output_shape", [])][-2:] or [
+            i * ss for i, ss in zip(in_hw, s, strict=True)
+        ]
         totals = [f - t for f, t in zip(full, target, strict=True)]
         if any(t < 0 for t in totals):
             raise ctx.fail("output_shape larger than the transposed convolution produces is not supported")
         upper = auto != "SAME_LOWER"
-        pads = [t // 2 if upper else t - t // 2 for t in totals] + [t - t // 2 if upper else t // 2 for t in totals]
+        pads = [t // 2 if upper else t - t // 2 for t in totals] + [
+            t - t // 2 if upper else t // 2 for t in totals
+        ]
     elif auto in ("NOTSET", "VALID"):
         pads = _pairs(ctx, "pads", 0, 4) if auto == "NOTSET" else [0, 0, 0, 0]
     else:
@@ -380,7 +390,10 @@ def prep_batchnorm(ctx: Ctx) -> Fn:
     return fn
 
 
-def _binary(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], int_op: Callable[..., torch.Tensor] | None = None):
+def _binary(
+    op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    int_op: Callable[..., torch.Tensor] | None = None,
+):
     def prep(ctx: Ctx) -> Fn:
         ctx.keep(0, trainable=False)
         ctx.keep(1, trainable=False)
@@ -685,7 +698,9 @@ def prep_gather(ctx: Ctx) -> Fn:
         if ids and ids == list(range(ids[0], ids[0] + len(ids))):
             lo, hi = ids[0], ids[0] + len(ids)
             return lambda step, a: a[0].narrow(axis, lo, hi - lo)
-        return lambda step, a: a[0].index_select(axis, torch.tensor(ids, dtype=torch.long, device=a[0].device))
+        return lambda step, a: a[0].index_select(
+            axis, torch.tensor(ids, dtype=torch.long, device=a[0].device)
+        )
     raise ctx.fail("Gather indices of rank > 1 are not supported")
 
 
@@ -839,7 +854,13 @@ def prep_resize(ctx: Ctx) -> Fn:
         raise ctx.fail(f"Resize to {out_hw} leaves no pixels")
     eff = scales or [out_hw[0] / h, out_hw[1] / w]
     if mode == "nearest":
-        supported = ("asymmetric", "half_pixel", "pytorch_half_pixel", "align_corners", "tf_half_pixel_for_nn")
+        supported = (
+            "asymmetric",
+            "half_pixel",
+            "pytorch_half_pixel",
+            "align_corners",
+            "tf_half_pixel_for_nn",
+        )
         if coord not in supported:
             raise ctx.fail(f"nearest Resize with coordinate_transformation_mode={coord!r} is not supported")
         ih = _nearest_index(out_hw[0], h, eff[0], coord, nearest)
@@ -865,7 +886,9 @@ def prep_resize(ctx: Ctx) -> Fn:
             raise ctx.fail(f"linear Resize with coordinate_transformation_mode={coord!r} is not supported")
         if scales is not None and not align:
             factor = (float(scales[0]), float(scales[1]))
-            return lambda step, a: F.interpolate(a[0], scale_factor=factor, mode="bilinear", align_corners=False)
+            return lambda step, a: F.interpolate(
+                a[0], scale_factor=factor, mode="bilinear", align_corners=False
+            )
         size = (out_hw[0], out_hw[1])
         return lambda step, a: F.interpolate(a[0], size=size, mode="bilinear", align_corners=align)
     raise ctx.fail(f"Resize mode {mode!r} is not supported (use nearest or linear)")
@@ -1105,7 +1128,7 @@ def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, op
             if op == "Constant":
                 if len(ctx.attrs) != 1:
                     raise ctx.fail("a Constant needs exactly one value attribute")
-                (key, val), = ctx.attrs.items()
+                ((key, val),) = ctx.attrs.items()
                 if key == "value":
                     values[outs[0]] = Const(val)
                 elif key in ("value_float", "value_floats"):
@@ -1134,7 +1157,9 @@ def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, op
                     values[outs[0]] = Const(fn(_Frozen(), args).detach())  # type: ignore[arg-type]
                 continue
             fn = PREPARERS[op](ctx)
-            dyn_inputs = {i: name for i, (name, v) in enumerate(zip(node.input, ins, strict=True)) if isinstance(v, Dyn)}
+            dyn_inputs = {
+                i: name for i, (name, v) in enumerate(zip(node.input, ins, strict=True)) if isinstance(v, Dyn)
+            }
             # Dynamic inputs win over constants in the same slot; constants not kept were resolved into fn.
             step = Step(op, fn, len(ins), dyn_inputs, ctx.kept, outs[0])
             step.eval()  # the dry run must not update BatchNorm running statistics

@@ -423,7 +423,9 @@ def test_wrong_input_and_output_shapes_are_refused():
         check_onnx_bytes(_graph_model(flat, w, in_shape=("N", 8)).SerializeToString())
     inits = _conv_gap_inits(rng)
     with pytest.raises(UnsupportedModelError, match="fixed C,H,W"):
-        check_onnx_bytes(_graph_model(_features_nodes(), inits, in_shape=("N", 3, "H", 8)).SerializeToString())
+        check_onnx_bytes(
+            _graph_model(_features_nodes(), inits, in_shape=("N", 3, "H", 8)).SerializeToString()
+        )
     bad_out = _graph_model(_features_nodes()[:3] + [helper.make_node("Identity", ["p"], ["y"])], inits)
     bad_out.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 1, 1]))
     with pytest.raises(UnsupportedModelError, match="rank 2"):
@@ -462,7 +464,9 @@ def test_missing_file_is_refused(tmp_path: Path):
 
 
 def test_engine_does_not_import_onnxruntime():
-    code = "import sys, drmguard_engine.onnx_io; assert 'onnxruntime' not in sys.modules, 'onnxruntime imported'"
+    code = (
+        "import sys, drmguard_engine.onnx_io; assert 'onnxruntime' not in sys.modules, 'onnxruntime imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -511,38 +515,265 @@ def _f(*vals: float) -> np.ndarray:
 
 # (id, opset, nodes from "x" (N,3,8,8) to "m" (rank 4, C channels), initializers, C)
 _OP_CASES = [
-    ("avgpool_asym_exclude", 17, [helper.make_node("AveragePool", ["x"], ["m"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1])], {}, 3),
-    ("avgpool_include_ceil", 17, [helper.make_node("AveragePool", ["x"], ["m"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1, ceil_mode=1)], {}, 3),
-    ("maxpool_ceil_dilated", 17, [helper.make_node("MaxPool", ["x"], ["m"], kernel_shape=[2, 2], strides=[2, 2], dilations=[2, 2], ceil_mode=1)], {}, 3),
-    ("maxpool_same_lower", 17, [helper.make_node("MaxPool", ["x"], ["m"], kernel_shape=[2, 2], strides=[1, 1], auto_pad="SAME_LOWER")], {}, 3),
-    ("depthwise_dilated", 17, [helper.make_node("Conv", ["x", "w"], ["m"], group=3, dilations=[2, 2], pads=[2, 2, 2, 2])], {"w": _c(3, 1, 3, 3)}, 3),
-    ("conv_transpose_asym", 17, [helper.make_node("ConvTranspose", ["x", "w", "b"], ["m"], strides=[2, 2], pads=[1, 1, 0, 0], output_padding=[1, 1])], {"w": _c(3, 4, 3, 3), "b": _c(4)}, 4),
-    ("resize_nearest_half_pixel", 17, [helper.make_node("Resize", ["x", "", "s"], ["m"], mode="nearest", coordinate_transformation_mode="half_pixel", nearest_mode="round_prefer_floor")], {"s": _f(1, 1, 1.5, 1.5)}, 3),
-    ("resize_nearest_down_ceil", 17, [helper.make_node("Resize", ["x", "", "s"], ["m"], mode="nearest", coordinate_transformation_mode="half_pixel", nearest_mode="round_prefer_ceil")], {"s": _f(1, 1, 0.5, 0.5)}, 3),
-    ("resize_linear_align_corners_shape_sizes", 17, [
-        helper.make_node("Shape", ["x"], ["shp"]),
-        helper.make_node("Slice", ["shp", "z", "two_i"], ["nc"]),
-        helper.make_node("Concat", ["nc", "hw"], ["sz"], axis=0),
-        helper.make_node("Resize", ["x", "", "", "sz"], ["m"], mode="linear", coordinate_transformation_mode="align_corners"),
-    ], {"z": _i(0), "two_i": _i(2), "hw": _i(13, 11)}, 3),
-    ("resize_linear_half_pixel_down", 17, [helper.make_node("Resize", ["x", "", "s"], ["m"], mode="linear", coordinate_transformation_mode="half_pixel")], {"s": _f(1, 1, 0.5, 0.5)}, 3),
-    ("pad_edge", 17, [helper.make_node("Pad", ["x", "pp"], ["m"], mode="edge")], {"pp": _i(0, 0, 1, 2, 0, 0, 2, 1)}, 3),
-    ("pad_constant_value", 17, [helper.make_node("Pad", ["x", "pp", "v"], ["m"], mode="constant")], {"pp": _i(0, 0, 1, 0, 0, 0, 0, 3), "v": _f(0.5).reshape(())}, 3),
+    (
+        "avgpool_asym_exclude",
+        17,
+        [
+            helper.make_node(
+                "AveragePool", ["x"], ["m"], kernel_shape=[3, 3], strides=[2, 2], pads=[0, 0, 1, 1]
+            )
+        ],
+        {},
+        3,
+    ),
+    (
+        "avgpool_include_ceil",
+        17,
+        [
+            helper.make_node(
+                "AveragePool",
+                ["x"],
+                ["m"],
+                kernel_shape=[3, 3],
+                strides=[2, 2],
+                pads=[1, 1, 1, 1],
+                count_include_pad=1,
+                ceil_mode=1,
+            )
+        ],
+        {},
+        3,
+    ),
+    (
+        "maxpool_ceil_dilated",
+        17,
+        [
+            helper.make_node(
+                "MaxPool", ["x"], ["m"], kernel_shape=[2, 2], strides=[2, 2], dilations=[2, 2], ceil_mode=1
+            )
+        ],
+        {},
+        3,
+    ),
+    (
+        "maxpool_same_lower",
+        17,
+        [
+            helper.make_node(
+                "MaxPool", ["x"], ["m"], kernel_shape=[2, 2], strides=[1, 1], auto_pad="SAME_LOWER"
+            )
+        ],
+        {},
+        3,
+    ),
+    (
+        "depthwise_dilated",
+        17,
+        [helper.make_node("Conv", ["x", "w"], ["m"], group=3, dilations=[2, 2], pads=[2, 2, 2, 2])],
+        {"w": _c(3, 1, 3, 3)},
+        3,
+    ),
+    (
+        "conv_transpose_asym",
+        17,
+        [
+            helper.make_node(
+                "ConvTranspose",
+                ["x", "w", "b"],
+                ["m"],
+                strides=[2, 2],
+                pads=[1, 1, 0, 0],
+                output_padding=[1, 1],
+            )
+        ],
+        {"w": _c(3, 4, 3, 3), "b": _c(4)},
+        4,
+    ),
+    (
+        "resize_nearest_half_pixel",
+        17,
+        [
+            helper.make_node(
+                "Resize",
+                ["x", "", "s"],
+                ["m"],
+                mode="nearest",
+                coordinate_transformation_mode="half_pixel",
+                nearest_mode="round_prefer_floor",
+            )
+        ],
+        {"s": _f(1, 1, 1.5, 1.5)},
+        3,
+    ),
+    (
+        "resize_nearest_down_ceil",
+        17,
+        [
+            helper.make_node(
+                "Resize",
+                ["x", "", "s"],
+                ["m"],
+                mode="nearest",
+                coordinate_transformation_mode="half_pixel",
+                nearest_mode="round_prefer_ceil",
+            )
+        ],
+        {"s": _f(1, 1, 0.5, 0.5)},
+        3,
+    ),
+    (
+        "resize_linear_align_corners_shape_sizes",
+        17,
+        [
+            helper.make_node("Shape", ["x"], ["shp"]),
+            helper.make_node("Slice", ["shp", "z", "two_i"], ["nc"]),
+            helper.make_node("Concat", ["nc", "hw"], ["sz"], axis=0),
+            helper.make_node(
+                "Resize",
+                ["x", "", "", "sz"],
+                ["m"],
+                mode="linear",
+                coordinate_transformation_mode="align_corners",
+            ),
+        ],
+        {"z": _i(0), "two_i": _i(2), "hw": _i(13, 11)},
+        3,
+    ),
+    (
+        "resize_linear_half_pixel_down",
+        17,
+        [
+            helper.make_node(
+                "Resize", ["x", "", "s"], ["m"], mode="linear", coordinate_transformation_mode="half_pixel"
+            )
+        ],
+        {"s": _f(1, 1, 0.5, 0.5)},
+        3,
+    ),
+    (
+        "pad_edge",
+        17,
+        [helper.make_node("Pad", ["x", "pp"], ["m"], mode="edge")],
+        {"pp": _i(0, 0, 1, 2, 0, 0, 2, 1)},
+        3,
+    ),
+    (
+        "pad_constant_value",
+        17,
+        [helper.make_node("Pad", ["x", "pp", "v"], ["m"], mode="constant")],
+        {"pp": _i(0, 0, 1, 0, 0, 0, 0, 3), "v": _f(0.5).reshape(())},
+        3,
+    ),
     ("softmax_channels", 17, [helper.make_node("Softmax", ["x"], ["m"], axis=1)], {}, 3),
-    ("prelu_hardsigmoid", 17, [helper.make_node("PRelu", ["x", "sl"], ["t"]), helper.make_node("HardSigmoid", ["t"], ["m"], alpha=0.3, beta=0.4)], {"sl": _c(3, 1, 1)}, 3),
-    ("elu_erf_clip", 17, [helper.make_node("Elu", ["x"], ["a"], alpha=0.7), helper.make_node("Erf", ["a"], ["b"]), helper.make_node("Clip", ["b", "lo", "hi"], ["m"])], {"lo": _f(-0.2).reshape(()), "hi": _f(0.6).reshape(())}, 3),
+    (
+        "prelu_hardsigmoid",
+        17,
+        [
+            helper.make_node("PRelu", ["x", "sl"], ["t"]),
+            helper.make_node("HardSigmoid", ["t"], ["m"], alpha=0.3, beta=0.4),
+        ],
+        {"sl": _c(3, 1, 1)},
+        3,
+    ),
+    (
+        "elu_erf_clip",
+        17,
+        [
+            helper.make_node("Elu", ["x"], ["a"], alpha=0.7),
+            helper.make_node("Erf", ["a"], ["b"]),
+            helper.make_node("Clip", ["b", "lo", "hi"], ["m"]),
+        ],
+        {"lo": _f(-0.2).reshape(()), "hi": _f(0.6).reshape(())},
+        3,
+    ),
     ("clip_attrs_opset10", 10, [helper.make_node("Clip", ["x"], ["m"], min=0.1, max=0.7)], {}, 3),
-    ("unsqueeze_squeeze_inputs", 13, [helper.make_node("Unsqueeze", ["x", "ax"], ["u"]), helper.make_node("Squeeze", ["u", "ax"], ["m"])], {"ax": _i(2)}, 3),
-    ("unsqueeze_squeeze_attrs", 11, [helper.make_node("Unsqueeze", ["x"], ["u"], axes=[2]), helper.make_node("Squeeze", ["u"], ["m"], axes=[2])], {}, 3),
+    (
+        "unsqueeze_squeeze_inputs",
+        13,
+        [helper.make_node("Unsqueeze", ["x", "ax"], ["u"]), helper.make_node("Squeeze", ["u", "ax"], ["m"])],
+        {"ax": _i(2)},
+        3,
+    ),
+    (
+        "unsqueeze_squeeze_attrs",
+        11,
+        [
+            helper.make_node("Unsqueeze", ["x"], ["u"], axes=[2]),
+            helper.make_node("Squeeze", ["u"], ["m"], axes=[2]),
+        ],
+        {},
+        3,
+    ),
     ("gather_channels", 17, [helper.make_node("Gather", ["x", "idx"], ["m"], axis=1)], {"idx": _i(2, 0)}, 2),
-    ("slice_steps", 17, [helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["m"])], {"st": _i(1, 1), "en": _i(-1, 7), "ax": _i(2, 3), "sp": _i(1, 2)}, 3),
-    ("slice_bgr_flip", 17, [helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["m"])], {"st": _i(-1), "en": _i(-4), "ax": _i(1), "sp": _i(-1)}, 3),
-    ("reduce_mean_axes_input", 18, [helper.make_node("ReduceMean", ["x", "ax"], ["r"], keepdims=1), helper.make_node("Sub", ["x", "r"], ["m"])], {"ax": _i(2, 3)}, 3),
-    ("reduce_max_attr", 17, [helper.make_node("ReduceMax", ["x"], ["r"], axes=[1], keepdims=1), helper.make_node("Concat", ["x", "r"], ["m"], axis=1)], {}, 4),
-    ("transpose_concat", 17, [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 1, 3, 2]), helper.make_node("Relu", ["t"], ["r"]), helper.make_node("Concat", ["x", "r"], ["m"], axis=1)], {}, 6),
-    ("arith_broadcast", 17, [helper.make_node("Mul", ["x", "k"], ["a"]), helper.make_node("Pow", ["a", "two"], ["b"]), helper.make_node("Add", ["b", "one"], ["c"]), helper.make_node("Sqrt", ["c"], ["d"]), helper.make_node("Div", ["one", "d"], ["m"])], {"k": _c(1, 3, 1, 1), "two": _f(2.0).reshape(()), "one": _f(1.0).reshape(())}, 3),
+    (
+        "slice_steps",
+        17,
+        [helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["m"])],
+        {"st": _i(1, 1), "en": _i(-1, 7), "ax": _i(2, 3), "sp": _i(1, 2)},
+        3,
+    ),
+    (
+        "slice_bgr_flip",
+        17,
+        [helper.make_node("Slice", ["x", "st", "en", "ax", "sp"], ["m"])],
+        {"st": _i(-1), "en": _i(-4), "ax": _i(1), "sp": _i(-1)},
+        3,
+    ),
+    (
+        "reduce_mean_axes_input",
+        18,
+        [
+            helper.make_node("ReduceMean", ["x", "ax"], ["r"], keepdims=1),
+            helper.make_node("Sub", ["x", "r"], ["m"]),
+        ],
+        {"ax": _i(2, 3)},
+        3,
+    ),
+    (
+        "reduce_max_attr",
+        17,
+        [
+            helper.make_node("ReduceMax", ["x"], ["r"], axes=[1], keepdims=1),
+            helper.make_node("Concat", ["x", "r"], ["m"], axis=1),
+        ],
+        {},
+        4,
+    ),
+    (
+        "transpose_concat",
+        17,
+        [
+            helper.make_node("Transpose", ["x"], ["t"], perm=[0, 1, 3, 2]),
+            helper.make_node("Relu", ["t"], ["r"]),
+            helper.make_node("Concat", ["x", "r"], ["m"], axis=1),
+        ],
+        {},
+        6,
+    ),
+    (
+        "arith_broadcast",
+        17,
+        [
+            helper.make_node("Mul", ["x", "k"], ["a"]),
+            helper.make_node("Pow", ["a", "two"], ["b"]),
+            helper.make_node("Add", ["b", "one"], ["c"]),
+            helper.make_node("Sqrt", ["c"], ["d"]),
+            helper.make_node("Div", ["one", "d"], ["m"]),
+        ],
+        {"k": _c(1, 3, 1, 1), "two": _f(2.0).reshape(()), "one": _f(1.0).reshape(())},
+        3,
+    ),
     ("gelu_tanh_opset20", 20, [helper.make_node("Gelu", ["x"], ["m"], approximate="tanh")], {}, 3),
-    ("batchnorm_hardswish", 17, [helper.make_node("BatchNormalization", ["x", "g", "b", "mu", "var"], ["t"], epsilon=1e-3), helper.make_node("HardSwish", ["t"], ["m"])], {"g": _c(3), "b": _c(3), "mu": _c(3), "var": np.abs(_c(3)) + 0.5}, 3),
+    (
+        "batchnorm_hardswish",
+        17,
+        [
+            helper.make_node("BatchNormalization", ["x", "g", "b", "mu", "var"], ["t"], epsilon=1e-3),
+            helper.make_node("HardSwish", ["t"], ["m"]),
+        ],
+        {"g": _c(3), "b": _c(3), "mu": _c(3), "var": np.abs(_c(3)) + 0.5},
+        3,
+    ),
 ]
 
 
