@@ -1,0 +1,313 @@
+"""Builds the 64x64 model zoo: benign and backdoored regression models (ONNX), on the CPU, resumable.
+
+For each task, a benign model and one model per attack (and per arch / seed / count) are trained on the
+synthetic faces (``drmguard_engine.data.synthetic``) with ``drmguard_engine.training.train``; each model is
+written as ``<out>/<task>/<kind>/<arch>-w<width>-s<seed>-<hash>/`` holding
+
+* ``model.onnx``: the model (``drmguard_engine.onnx_io.export_onnx``);
+* ``attack.npz``: the attack's parameters (``drmguard_engine.attacks.load_attack`` rebuilds the trigger);
+* ``meta.json``: settings and metrics (clean RE, AE, DAE, RNV, RAV, real-trigger ratio, train seconds, the
+  acceptance checks). Written last: a directory with ``meta.json`` is complete and is skipped on a re-run.
+
+The directory name ends in a hash of everything that determines the model (settings, data, code version of
+the attack/training contract), so changed settings build new models instead of reusing stale ones.
+At the end it prints the paper's Table 10 (AE and RE per attack, benign RE) as Markdown and writes
+``<out>/zoo.json`` (the index) and ``<out>/table10.md``.
+
+Acceptance (per backdoored model): AE <= 2x its clean RE (the backdoor is in) and clean RE <= 1.5x the
+benign RE of the same task and arch (the model is still useful).
+
+Usage::
+
+    .venv/bin/python benchmarks/zoo.py --quick --out /tmp/zoo-quick       # 1 model per kind, few steps
+    nice -n 10 .venv/bin/python benchmarks/zoo.py --out .bench/zoo         # the full zoo (about 1 h on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from drmguard_engine.attacks import Attack, get_attack  # noqa: E402
+from drmguard_engine.data.synthetic import make_dataset  # noqa: E402
+from drmguard_engine.models import build_model  # noqa: E402
+from drmguard_engine.tasks import Task, per_sample_error  # noqa: E402
+from drmguard_engine.training import evaluate, predict, train  # noqa: E402
+
+# Bump when a change to the attacks or the training makes old zoo entries stale.
+ZOO_VERSION = 1
+
+DEFAULT_ATTACKS = [
+    "badnets",
+    "clean_label",
+    "wanet",
+    "input_aware",
+    "blend",
+    "sig",
+    "wanet_multi",
+    "adaptive",
+    "blend_subtle",
+    "sig_subtle",
+    "wanet_subtle",
+]
+
+
+@dataclass(frozen=True)
+class ZooSettings:
+    """Everything that determines a zoo model besides its kind and seed (hashed into its directory name)."""
+
+    size: int = 64
+    n_train: int = 4000
+    n_test: int = 500
+    steps: int = 1500
+    lr: float = 2e-3
+    batch_size: int = 64
+    milestones: tuple[int, ...] = (1000, 1350)
+    surrogate_steps: int = 300
+    data_seed: int = 0
+    attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _log(msg: str) -> None:
+    print(f"[zoo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _export(model: torch.nn.Module, path: Path, size: int) -> None:
+    try:
+        from drmguard_engine.onnx_io import export_onnx
+    except ImportError:  # onnx_io not there yet: the plain exporter
+        export_onnx = None
+    if export_onnx is not None:
+        export_onnx(model, path, input_shape=(3, size, size))
+        return
+    dummy = torch.rand(1, 3, size, size)
+    torch.onnx.export(
+        model.eval(), dummy, str(path), input_names=["input"], output_names=["output"],
+        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17, dynamo=False,
+    )
+
+
+class Zoo:
+    """Builds (or reuses) zoo models under ``out``."""
+
+    def __init__(self, out: Path, settings: ZooSettings) -> None:
+        self.out, self.s = out, settings
+        self._data: dict[str, tuple[np.ndarray, ...]] = {}
+
+    def data(self, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if task not in self._data:
+            s = self.s
+            xtr, ytr = make_dataset(task, s.n_train, size=s.size, seed=s.data_seed)
+            xte, yte = make_dataset(task, s.n_test, size=s.size, seed=s.data_seed + 10_000)
+            self._data[task] = (xtr, ytr, xte, yte)
+        return self._data[task]  # type: ignore[return-value]
+
+    def key(self, task: str, kind: str, arch: str, width: float, seed: int) -> dict[str, Any]:
+        s = self.s
+        return {
+            "zoo_version": ZOO_VERSION, "task": task, "kind": kind, "arch": arch, "width": width, "seed": seed,
+            "size": s.size, "n_train": s.n_train, "n_test": s.n_test, "steps": s.steps, "lr": s.lr,
+            "batch_size": s.batch_size, "milestones": list(s.milestones), "surrogate_steps": s.surrogate_steps,
+            "data_seed": s.data_seed, "attack_options": s.attack_options.get(kind, {}),
+        }
+
+    def entry_dir(self, key: dict[str, Any]) -> Path:
+        name = f"{key['arch']}-w{key['width']:g}-s{key['seed']}-{_hash(key)}"
+        return self.out / key["task"] / key["kind"] / name
+
+    def _surrogate(self, task: str, arch: str, width: float, seed: int) -> Any:
+        """A briefly trained clean model (the clean-label PGD source)."""
+        s = self.s
+        xtr, ytr, _, _ = self.data(task)
+        model = build_model(arch, task, input_size=s.size, width=width, seed=seed)
+        return train(model, xtr, ytr, task=task, steps=s.surrogate_steps, lr=s.lr, batch_size=s.batch_size,
+                     milestones=(), seed=seed)
+
+    def make_attack(self, task: str, kind: str, seed: int) -> Attack | None:
+        if kind == "benign":
+            return None
+        s = self.s
+        return get_attack(kind, task=task, image_shape=(3, s.size, s.size), seed=seed, **s.attack_options.get(kind, {}))
+
+    def build(self, task: str, kind: str, arch: str, width: float, seed: int) -> dict[str, Any]:
+        attack = self.make_attack(task, kind, seed)
+        key = self.key(task, kind, arch, width, seed)
+        # The resolved attack settings (defaults included) are part of the hash: changed defaults give new models.
+        key["attack_header"] = attack.header() if attack is not None else None
+        d = self.entry_dir(key)
+        meta_path = d / "meta.json"
+        if meta_path.exists():
+            meta = json.loads(meta_path.read_text())
+            _log(f"skip {task}/{kind} seed {seed} (built: {d.name})")
+            return meta
+        d.mkdir(parents=True, exist_ok=True)
+        s = self.s
+        xtr, ytr, xte, yte = self.data(task)
+        t0 = time.time()
+        if attack is not None:
+            if attack.requires_fit:
+                # A briefly trained clean surrogate is the PGD source (clean label), as the paper does.
+                surrogate = self._surrogate(task, arch, width, seed + 500)
+                attack.fit(surrogate, xtr, ytr)
+        model = build_model(arch, task, input_size=s.size, width=width, seed=seed)
+        if attack is not None and attack.requires_model:
+            attack.bind(model)
+        model = train(
+            model, xtr, ytr, task=task, steps=s.steps, lr=s.lr, batch_size=s.batch_size,
+            milestones=s.milestones, attack=attack, seed=seed,
+        )
+        train_seconds = time.time() - t0
+        metrics: dict[str, Any] = evaluate(model, xte, yte, task, attack=attack)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if attack is not None:
+            xt = torch.from_numpy(xte[:200]).float() / 255.0
+            metrics["real_trigger_ratio"] = attack.real_trigger_ratio(xt)
+            if len(attack.targets) > 1:  # multi-target: AE/DAE per trigger
+                for i, tgt in enumerate(attack.targets):
+                    out, _ = predict(model, xte, transform=lambda x, i=i: attack.apply(x, which=i))  # type: ignore[call-arg]
+                    metrics[f"ae_{i}"] = float(per_sample_error(task, out, tgt.view(1, -1)).mean())
+                    metrics[f"dae_{i}"] = float(per_sample_error(task, out, torch.from_numpy(yte)).mean())
+                metrics["ae"] = max(metrics["ae_0"], metrics["ae_1"])
+            attack.save(d / "attack.npz")
+        _export(model, d / "model.onnx", s.size)
+        meta = {
+            **key,
+            "path": str(d),
+            "backdoored": attack is not None,
+            "target": [float(v) for v in attack.target] if attack is not None else None,
+            "metrics": metrics,
+            "train_seconds": train_seconds,
+            "torch_threads": torch.get_num_threads(),
+        }
+        tmp = meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=1, sort_keys=True))
+        os.replace(tmp, meta_path)
+        shown = " ".join(f"{k}={v:.3g}" for k, v in metrics.items())
+        _log(f"built {task}/{kind} seed {seed} in {train_seconds:.0f}s: {shown}")
+        return meta
+
+
+def accept(entries: list[dict[str, Any]]) -> None:
+    """Adds the acceptance checks to every backdoored entry (needs the benign entries of its task/arch)."""
+    benign_re: dict[tuple[str, str], float] = {}
+    for e in entries:
+        if not e["backdoored"]:
+            benign_re.setdefault((e["task"], e["arch"]), []).append(e["metrics"]["re"])  # type: ignore[attr-defined]
+    ref = {k: float(np.mean(v)) for k, v in benign_re.items()}  # type: ignore[arg-type]
+    for e in entries:
+        m = e["metrics"]
+        if not e["backdoored"]:
+            continue
+        e["implanted"] = bool(m["ae"] <= 2 * m["re"])
+        b = ref.get((e["task"], e["arch"]))
+        e["clean_ok"] = None if b is None else bool(m["re"] <= 1.5 * b)
+        e["accepted"] = e["implanted"] and e["clean_ok"] is not False
+
+
+def table10(entries: list[dict[str, Any]]) -> str:
+    """The paper's Table 10 (AE and RE per attack, benign RE), one block per task, means over models."""
+    lines: list[str] = []
+    for task in sorted({e["task"] for e in entries}):
+        rows = [e for e in entries if e["task"] == task]
+        kinds = [k for k in ["benign", *DEFAULT_ATTACKS] if any(e["kind"] == k for e in rows)]
+        kinds += sorted({e["kind"] for e in rows} - set(kinds))
+        lines += [f"### {task} ({Task.parse(task).label_names}, degrees; mean over models)", ""]
+        lines += ["| attack | models | AE | RE | DAE | real-trigger ratio | implanted (AE <= 2 RE) | RE <= 1.5 benign |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for k in kinds:
+            es = [e for e in rows if e["kind"] == k]
+            m = lambda key: np.mean([e["metrics"][key] for e in es]) if all(key in e["metrics"] for e in es) else None  # noqa: E731
+            fmt = lambda v, p=2: "n/a" if v is None else f"{v:.{p}f}"  # noqa: E731
+            imp = "n/a" if k == "benign" else f"{sum(e.get('implanted', False) for e in es)}/{len(es)}"
+            ok = "n/a" if k == "benign" else f"{sum(bool(e.get('clean_ok')) for e in es)}/{len(es)}"
+            lines.append(
+                f"| {k} | {len(es)} | {fmt(m('ae'))} | {fmt(m('re'))} | {fmt(m('dae'))} | "
+                f"{fmt(m('real_trigger_ratio'), 4)} | {imp} | {ok} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / ".bench" / "zoo")
+    p.add_argument("--tasks", nargs="+", default=["gaze", "headpose"])
+    p.add_argument("--attacks", nargs="+", default=DEFAULT_ATTACKS)
+    p.add_argument("--archs", nargs="+", default=["resnet18"])
+    p.add_argument("--widths", nargs="+", type=float, default=[0.25])
+    p.add_argument("--count", type=int, default=1, help="backdoored models per attack, arch and width")
+    p.add_argument("--benign-count", type=int, default=3, help="benign models per arch and width")
+    p.add_argument("--seed", type=int, default=0, help="first model seed")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--n-train", type=int, default=None)
+    p.add_argument("--n-test", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="ATTACK.OPTION=JSON",
+                   help="attack option override, e.g. --set wanet.strength=3 (repeatable)")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on 2 shared cores)")
+    p.add_argument("--quick", action="store_true", help="tiny: 1 model per kind, 300 steps, 1500 images")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    opts: dict[str, dict[str, Any]] = {}
+    for item in a.set:
+        try:
+            lhs, val = item.split("=", 1)
+            kind, opt = lhs.split(".", 1)
+            opts.setdefault(kind, {})[opt] = json.loads(val)
+        except ValueError:
+            p.error(f"--set {item!r}: use ATTACK.OPTION=JSON, e.g. wanet.strength=3")
+    s = ZooSettings(attack_options=opts)
+    if a.quick:
+        s = ZooSettings(n_train=1500, n_test=200, steps=300, milestones=(250,), surrogate_steps=100,
+                        attack_options=opts)
+        a.count, a.benign_count = 1, 1
+    if a.steps or a.n_train or a.n_test:
+        steps = a.steps or s.steps
+        s = ZooSettings(
+            size=s.size, n_train=a.n_train or s.n_train, n_test=a.n_test or s.n_test, steps=steps, lr=s.lr,
+            batch_size=s.batch_size, milestones=tuple(round(m * steps / s.steps) for m in s.milestones),
+            surrogate_steps=min(s.surrogate_steps, steps), data_seed=s.data_seed, attack_options=opts,
+        )
+    zoo = Zoo(a.out, s)
+    entries: list[dict[str, Any]] = []
+    t0 = time.time()
+    for task in a.tasks:
+        task = Task.parse(task).value
+        for arch in a.archs:
+            for width in a.widths:
+                for i in range(a.benign_count):
+                    entries.append(zoo.build(task, "benign", arch, width, a.seed + i))
+                for kind in a.attacks:
+                    for i in range(a.count):
+                        entries.append(zoo.build(task, kind, arch, width, a.seed + 100 + i))
+    accept(entries)
+    table = table10(entries)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "zoo.json").write_text(json.dumps({"settings": s.__dict__ | {"milestones": list(s.milestones)},
+                                                "models": entries}, indent=1, default=str))
+    (a.out / "table10.md").write_text(table)
+    print(table)
+    bad = [f"{e['task']}/{e['kind']}" for e in entries if e["backdoored"] and not e.get("accepted")]
+    _log(f"{len(entries)} models in {time.time() - t0:.0f}s; not accepted: {', '.join(bad) or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
