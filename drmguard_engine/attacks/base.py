@@ -252,8 +252,9 @@ class Attack:
         bd, _ = self._choose(x.shape[0], step, self.config.poison_rate, 0.0)
         xp, yp = x.clone(), y.clone()
         if bd.any():
-            xp[bd] = self._trigger(x[bd])
-            yp[bd] = self._target.to(y)
+            b = bd.to(x.device)
+            xp[b] = self._trigger(x[b])
+            yp[b] = self._target.to(y)
         return xp, yp, None, bd, torch.zeros_like(bd)
 
     def _generator(self, step: int, salt: int = 0) -> torch.Generator:

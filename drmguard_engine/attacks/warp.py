@@ -140,11 +140,13 @@ class WaNetAttack(Attack):
         bd, cross = self._choose(x.shape[0], step, cfg.poison_rate, cfg.poison_rate * cfg.cross_ratio)
         xp, yp = x.clone(), y.clone()
         if bd.any():
-            xp[bd] = self._trigger(x[bd])
-            yp[bd] = self._target.to(y)
+            b = bd.to(x.device)
+            xp[b] = self._trigger(x[b])
+            yp[b] = self._target.to(y)
         if cross.any():
+            c = cross.to(x.device)
             grids = self.warps[0].cross_grid(int(cross.sum()), self._generator(step, salt=1))
-            xp[cross] = warp(x[cross], grids)
+            xp[c] = warp(x[c], grids)
         return xp, yp, None, bd, cross
 
     def state_arrays(self) -> dict[str, np.ndarray]:
@@ -215,7 +217,7 @@ class MultiTargetWaNetAttack(WaNetAttack):
         bd, cross = self._choose(n, step, 2 * cfg.poison_rate, 2 * cfg.poison_rate * cfg.cross_ratio)
         xp, yp = x.clone(), y.clone()
         for mask, is_cross in ((bd, False), (cross, True)):
-            idx = torch.nonzero(mask).flatten()
+            idx = torch.nonzero(mask).flatten().to(x.device)
             halves = (idx[0::2], idx[1::2])  # the set is random, so alternating members split it at random
             for which, part in enumerate(halves):
                 if len(part) == 0:
