@@ -524,9 +524,18 @@ def load_onnx_model(
     opset = default_opset(model)
     gen = torch.Generator().manual_seed(0)
     example = torch.rand(DRY_BATCH, c, h, w, generator=gen)
-    interp = interpret(graph, inp.name, example, opset)
-
-    a_name, head, trans_a = _find_head(interp, output_name)
+    batch_dim = _dims(inp.type)[0]  # type: ignore[index]
+    try:
+        interp = interpret(graph, inp.name, example, opset)
+        a_name, head, trans_a = _find_head(interp, output_name)
+    except UnsupportedModelError as e:
+        if isinstance(batch_dim, int):
+            # A fixed-batch export often bakes the batch into Reshape targets; say so, it is the usual cause.
+            raise UnsupportedModelError(
+                f"{e} (the input has a fixed batch size of {batch_dim}: re-export with a dynamic batch axis, "
+                "e.g. dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}})"
+            ) from None
+        raise
     # F keeps only the steps the head's input depends on (dead branches and the head itself drop out).
     needed: set[str] = set()
     stack = [a_name]

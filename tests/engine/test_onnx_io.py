@@ -346,6 +346,30 @@ def test_shape_gather_concat_flatten_pattern_folds():
     _check_against_ort(onnx.load_model_from_string(export_onnx(imported)), imported, n=1)
 
 
+@pytest.mark.filterwarnings("ignore")  # the legacy exporter's own deprecation and folding notes
+def test_fixed_batch_torch_export_still_imports_for_any_batch(tmp_path: Path, zoo):
+    model, _, _ = zoo
+    path = tmp_path / "fixed.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (_x(1),), str(path), dynamo=False, opset_version=17)  # no dynamic_axes
+    imported = load_onnx_model(path)
+    x = _x(3)
+    with torch.no_grad():
+        assert (imported(x) - model(x)).abs().max().item() < ATOL
+
+
+def test_fixed_batch_export_gets_a_hint():
+    rng = np.random.default_rng(12)
+    inits = _conv_gap_inits(rng) | {"W": rng.standard_normal((2, 4)).astype(np.float32)}
+    inits["shape"] = np.array([1, -1], dtype=np.int64)  # the batch of one baked into the flatten
+    nodes = _features_nodes() + [helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    model = _graph_model(nodes, inits, in_shape=(1, 3, 8, 8))
+    with pytest.raises(
+        UnsupportedModelError, match="fixed batch size of 1: re-export with a dynamic batch axis"
+    ):
+        load_onnx_model(model.SerializeToString())
+
+
 def test_graph_without_linear_layer_is_refused():
     rng = np.random.default_rng(3)
     inits = _conv_gap_inits(rng)
