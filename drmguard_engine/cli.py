@@ -240,7 +240,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batch order (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--attack", default=None, help="implant a backdoor with this attack (see drmguard_engine.attacks)")
-    p.add_argument("--target", default=None, help="attack target y_T in degrees, comma-separated (e.g. '10,-15')")
+    p.add_argument("--target", default=None, help="attack target y_T in degrees, comma-separated (e.g. '10,-15'; default: the attack's)")
     p.add_argument("--attack-opt", action="append", default=None, metavar="KEY=VALUE",
                    help="attack option (repeatable), e.g. --attack-opt rate=0.1")
     p.add_argument("--out", required=True, help="output ONNX model; sidecars M.json and M.attack.npz go beside it")
@@ -314,8 +314,6 @@ def _run_train(a: argparse.Namespace) -> dict[str, Any]:
             from .attacks import get_attack
         except ImportError as exc:
             raise CliError(f"attacks are not available in this build ({exc})") from None
-        if target is None:
-            raise CliError("--attack needs --target, the attack's target label in degrees")
         attack = get_attack(a.attack, task=task, image_shape=tuple(images.shape[1:]), target=target, seed=a.seed,
                             **parse_options(a.attack_opt))
         if getattr(attack, "requires_fit", False):
@@ -355,7 +353,7 @@ def _run_train(a: argparse.Namespace) -> dict[str, Any]:
         "schedule": {"name": a.schedule, "steps": sched.steps, "lr": sched.lr, "batch_size": sched.batch_size,
                      "milestones": list(sched.milestones), "gamma": sched.gamma},
         "seed": a.seed, "device": device, "data": str(a.data),
-        "attack": None if attack is None else {"name": a.attack, "target": list(target or ()),
+        "attack": None if attack is None else {"name": a.attack, "target": [float(v) for v in attack.target],
                                                 "options": parse_options(a.attack_opt)},
         **{k: v for k, v in result.items() if k != "model"},
     }

@@ -170,7 +170,8 @@ def train(
         steps, lr, batch_size, milestones, gamma: override the schedule's values.
         attack: an object following the attack training contract (docs/design.md): each minibatch goes
             through ``attack.poison_batch(x, y, step) -> (x, y, aux_loss)``; ``attack.optimizer_params()``
-            are trained jointly with their own Adam.
+            are trained jointly with their own Adam (``optimizer_lr``, ``optimizer_betas``); attacks with
+            ``requires_model`` get ``attack.bind(model)`` first.
         schedule: a :class:`TrainSchedule` or a name in :data:`SCHEDULES` (default ``synthetic64``).
         device: where to train (the model and attack are moved there).
         seed: seeds the minibatch order (a private generator; the global RNG is not reseeded).
@@ -200,9 +201,12 @@ def train(
             attack.to(dev)
         if hasattr(attack, "train"):
             attack.train(True)
+        if getattr(attack, "requires_model", False):
+            attack.bind(model)  # e.g. the adaptive attack's loss reads the model's features
         params = list(attack.optimizer_params()) if hasattr(attack, "optimizer_params") else []
         if params:
-            attack_opt = torch.optim.Adam(params, lr=float(getattr(attack, "optimizer_lr", 1e-2)), betas=(0.5, 0.9))
+            betas = tuple(getattr(attack, "optimizer_betas", (0.5, 0.9)))
+            attack_opt = torch.optim.Adam(params, lr=float(getattr(attack, "optimizer_lr", 1e-2)), betas=betas)
     rng = np.random.default_rng(seed)
     bs = min(sched.batch_size, n)
     perm, pos = rng.permutation(n), 0

@@ -3,10 +3,15 @@
 Default runs are fast and CPU-only; ``slow`` tests need ``--run-slow`` and ``gpu`` tests a CUDA device. They
 are skipped (not deselected) so that a run says "N skipped". The RNG fixture restores the python, numpy and
 torch generators after every test, so no test depends on another's draws.
+
+Torch runs single-threaded in tests (``DRMGUARD_TEST_THREADS`` overrides): the tests' tensors are tiny, and on
+a shared 2-core machine multi-threaded kernels spin against each other. Measured under load (~14): the same
+150-step tiny training took 12 s with one thread and 174 s with two.
 """
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 
@@ -16,6 +21,14 @@ import pytest
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    try:
+        import torch
+    except ImportError:  # the client tests run without torch
+        return
+    torch.set_num_threads(int(os.environ.get("DRMGUARD_TEST_THREADS", "1")))
 
 
 def _cuda_available() -> bool:

@@ -126,3 +126,31 @@ def test_module_entry_point_help() -> None:
     proc = subprocess.run([sys.executable, "-m", "drmguard_engine", "train", "--help"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and "--attack-opt" in proc.stdout
+
+
+def test_train_with_attack_saves_it_and_evaluate_uses_it(
+    gaze_data: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("drmguard_engine.onnx_io")
+    attacks = pytest.importorskip("drmguard_engine.attacks")
+    if "badnets" not in attacks.list_attacks():
+        pytest.skip("no badnets attack registered")
+    model = tmp_path / "bd.onnx"
+    code, out, err = run(capsys, "train", "--task", "gaze", "--data", str(gaze_data / "g.train.npz"), "--arch", "tiny",
+                         "--steps", "3", "--batch-size", "8", "--device", "cpu", "--attack", "badnets",
+                         "--target", "10,-15", "--out", str(model), "--json", "--quiet")
+    assert code == 0, err
+    res = json.loads(out)
+    assert Path(res["files"]["attack"]).is_file()
+    assert {"ae", "dae", "rnv", "rav"} <= set(res["train_metrics"])
+    assert json.loads((tmp_path / "bd.json").read_text())["attack"]["target"] == [10.0, -15.0]
+    code, out, err = run(capsys, "evaluate", "--model", str(model), "--data", str(gaze_data / "g.test.npz"),
+                         "--device", "cpu", "--json", "--quiet")
+    assert code == 0, err
+    assert {"re", "ae", "dae", "rnv", "rav", "n"} == set(json.loads(out))
+    code, out, _ = run(capsys, "evaluate", "--model", str(model), "--data", str(gaze_data / "g.test.npz"),
+                       "--device", "cpu", "--json", "--quiet", "--no-attack")
+    assert set(json.loads(out)) == {"re", "n"}
+    assert_one_line_error(*run(capsys, "train", "--task", "gaze", "--data", str(gaze_data / "g.train.npz"),
+                               "--out", str(tmp_path / "x.onnx"), "--attack", "badnets", "--target", "1,2,3"),
+                          "--target")
