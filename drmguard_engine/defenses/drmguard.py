@@ -147,6 +147,40 @@ def attention_maps(model: nn.Module, images: torch.Tensor, cfg: DRMGuardConfig, 
     return torch.cat(out)
 
 
+def equation5(
+    out: torch.Tensor,
+    feats: torch.Tensor,
+    poisoned: torch.Tensor,
+    images: torch.Tensor,
+    benign_feats: torch.Tensor,
+    head_weight: torch.Tensor,
+    cfg: DRMGuardConfig,
+    benign_out_var: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The terms of equation 5 for one minibatch (population variances, as TensorFlow's ``reduce_variance``).
+
+    ``variance`` = (1/d) sum_j Var_i[f_j(x')] in ``output_scale`` units (or divided by the benign output variance
+    with ``variance_term="relative"``); ``l1`` = mean |x'-x| per element; ``rf`` = (1/d) sum_j
+    Var_i[angle(F(x'_i), w_j)] / (Var_i[angle(F(x_i), w_j)] + 1e-8); ``loss`` = lambda1*variance + l1 + lambda2*rf.
+    """
+    var = out.var(0, unbiased=False)
+    if cfg.variance_term == "relative":
+        if benign_out_var is None:
+            raise ValueError("variance_term='relative' needs the benign output variance")
+        var_term = (var / benign_out_var).mean()
+    else:
+        var_term = var.mean() * cfg.output_scale**2
+    l1 = (poisoned - images).abs().mean()
+    loss = cfg.lambda1 * var_term + l1
+    rf = torch.zeros((), device=out.device)
+    if cfg.use_fsrt:
+        ang_p = feature_angles(feats, head_weight)
+        ang_b = feature_angles(benign_feats, head_weight)
+        rf = (ang_p.var(0, unbiased=False) / (ang_b.var(0, unbiased=False) + 1e-8)).mean()
+        loss = loss + cfg.lambda2 * rf
+    return {"loss": loss, "variance": var_term, "l1": l1, "rf": rf}
+
+
 def _blend(g: torch.Tensor, x: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
     return g if t is None else g * (1 - t) + x * t
 
@@ -220,7 +254,6 @@ def reverse_engineer(
     opt = torch.optim.Adam(g_net.parameters(), lr=cfg.lr)
     g_net.train()
     history: list[dict[str, float]] = []
-    scale2 = cfg.output_scale**2
     for step in range(cfg.steps):
         check_cancel()
         idx = batch_idx()
@@ -228,19 +261,8 @@ def reverse_engineer(
         t = None if tmaps is None else tmaps[idx]
         xp = _blend(g_net(x), x, t)
         feats, out = _forward_split(model, xp)
-        var = out.var(0, unbiased=False)
-        if cfg.variance_term == "relative":
-            var_term = (var / out_var_b).mean()
-        else:
-            var_term = var.mean() * scale2
-        l1 = (xp - x).abs().mean()
-        loss = cfg.lambda1 * var_term + l1
-        rf = torch.zeros((), device=device)
-        if cfg.use_fsrt:
-            ang_p = feature_angles(feats, w)
-            ang_b = feature_angles(feats_b_all[idx], w)
-            rf = (ang_p.var(0, unbiased=False) / (ang_b.var(0, unbiased=False) + 1e-8)).mean()
-            loss = loss + cfg.lambda2 * rf
+        terms = equation5(out, feats, xp, x, feats_b_all[idx], w, cfg, out_var_b)
+        loss, var_term, l1, rf = terms["loss"], terms["variance"], terms["l1"], terms["rf"]
         if not torch.isfinite(loss):
             raise InspectionError(f"the reverse-engineering loss became {float(loss)} at step {step}")
         opt.zero_grad(set_to_none=True)
@@ -251,10 +273,10 @@ def reverse_engineer(
                 ratio_b = float((xp - x).abs().flatten(1).sum(1).mean() / x.abs().flatten(1).sum(1).max())
             rec = {
                 "step": float(step + 1),
-                "loss": float(loss),
-                "variance": float(var_term),
-                "l1": float(l1),
-                "rf": float(rf),
+                "loss": float(loss.detach()),
+                "variance": float(var_term.detach()),
+                "l1": float(l1.detach()),
+                "rf": float(rf.detach()),
                 "perturbation_ratio": ratio_b,
             }
             rec.update({f"target_{j}": float(v) for j, v in enumerate(out.detach().mean(0).tolist())})

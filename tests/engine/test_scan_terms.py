@@ -1,0 +1,167 @@
+"""Unit tests of DRMGuard's pieces against hand computations (equation 5, equation 7, the epsilon rule)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from drmguard_engine.data.benign import BenignSet
+from drmguard_engine.defenses.drmguard import (
+    DRMGuardConfig,
+    attention_maps,
+    equation5,
+    perturbation_ratio,
+)
+from drmguard_engine.defenses.generator import PaperGenerator, ResidualGenerator
+from drmguard_engine.defenses.probes import ProbeConfig, _Probe
+from drmguard_engine.errors import ConfigError, UnsupportedModelError
+from drmguard_engine.scan import get_profile, list_profiles, scan
+
+
+def _angles_deg_free(feats: np.ndarray, w: np.ndarray) -> np.ndarray:
+    out = np.zeros((feats.shape[0], w.shape[0]))
+    for i, h in enumerate(feats):
+        for j, wj in enumerate(w):
+            c = float(h @ wj / (np.linalg.norm(h) * np.linalg.norm(wj) + 1e-8))
+            out[i, j] = math.acos(max(-1 + 1e-6, min(1 - 1e-6, c)))
+    return out
+
+
+def test_equation5_terms_match_hand_computation() -> None:
+    g = torch.Generator().manual_seed(0)
+    out = torch.randn(6, 2, generator=g, dtype=torch.float64) * 10
+    feats = torch.rand(6, 5, generator=g, dtype=torch.float64)
+    feats_b = torch.rand(6, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    x = torch.rand(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    xp = torch.rand(6, 3, 4, 4, generator=g, dtype=torch.float64)
+    cfg = DRMGuardConfig(lambda1=20.0, lambda2=800.0, output_scale=math.pi / 180)
+    t = equation5(out, feats, xp, x, feats_b, w, cfg)
+
+    o = out.numpy()
+    var = np.mean([np.mean((o[:, j] - o[:, j].mean()) ** 2) for j in range(2)]) * (math.pi / 180) ** 2
+    l1 = np.mean(np.abs(xp.numpy() - x.numpy()))
+    ap, ab = _angles_deg_free(feats.numpy(), w.numpy()), _angles_deg_free(feats_b.numpy(), w.numpy())
+    rf = np.mean([ap[:, j].var() / (ab[:, j].var() + 1e-8) for j in range(2)])
+    assert float(t["variance"]) == pytest.approx(var, rel=1e-9)
+    assert float(t["l1"]) == pytest.approx(l1, rel=1e-9)
+    assert float(t["rf"]) == pytest.approx(rf, rel=1e-6)
+    assert float(t["loss"]) == pytest.approx(20 * var + l1 + 800 * rf, rel=1e-6)
+
+
+def test_equation5_relative_variance_and_no_fsrt() -> None:
+    out = torch.tensor([[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]])
+    bvar = torch.tensor([2.0, 4.0])
+    cfg = DRMGuardConfig(variance_term="relative", use_fsrt=False, lambda1=1.0)
+    x = torch.zeros(3, 1, 2, 2)
+    t = equation5(out, torch.ones(3, 2), x, x, torch.ones(3, 2), torch.ones(2, 2), cfg, bvar)
+    var = np.var([0.0, 2.0, 4.0])  # same for both outputs
+    assert float(t["variance"]) == pytest.approx((var / 2 + var / 4) / 2)
+    assert float(t["rf"]) == 0.0
+    assert float(t["loss"]) == pytest.approx(float(t["variance"]))
+
+
+def test_perturbation_ratio_is_mean_l1_over_max_l1() -> None:
+    x = torch.zeros(3, 1, 2, 2)
+    x[0] = 1.0  # max ||x||_1 = 4
+    xp = x.clone()
+    xp[1, 0, 0, 0] = 0.5  # ||x'-x||_1 = 0.5 on one image -> mean 0.5/3
+    assert perturbation_ratio(xp, x) == pytest.approx((0.5 / 3) / 4)
+
+
+class _Linear(nn.Module):
+    """f(x) = H(F(x)) with F = sum of pixel (0,0) and 2x pixel (1,1) per channel; gradients known in closed form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(2, 2, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, -3.0]]))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack((x[:, :, 0, 0].sum(1), 2 * x[:, :, 1, 1].sum(1)), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def test_attention_map_paper_and_per_output_readings() -> None:
+    m = _Linear()
+    x = torch.rand(2, 3, 3, 3)
+    # paper reading: grad of sum_j f_j: pixel (0,0): 1 per channel -> 3; pixel (1,1): 2*(-3) per channel -> |-6|*3
+    t = attention_maps(m, x, DRMGuardConfig(attention="paper", attention_kappa=2.0))
+    assert t.shape == (2, 1, 3, 3)
+    assert float(t[0, 0, 1, 1]) == pytest.approx(18 / (2 * 18))
+    assert float(t[0, 0, 0, 0]) == pytest.approx(3 / (2 * 18))
+    assert float(t[0, 0, 2, 2]) == 0.0
+    assert float(t.max()) < 1.0
+    # per output: sum_j |df_j/dx|: same here (one output per pixel), with dilation spreading the max
+    td = attention_maps(m, x, DRMGuardConfig(attention="per_output", attention_dilate=3, attention_kappa=2.0))
+    assert float(td[0, 0, 2, 2]) == pytest.approx(0.5)
+
+
+def test_generators_shapes_and_identity_start() -> None:
+    x = torch.rand(2, 3, 20, 28)
+    y = ResidualGenerator(3)(x)
+    assert y.shape == x.shape
+    assert float((y - x.clamp(1e-3, 1 - 1e-3)).abs().max()) < 1e-5  # identity before any step
+    y2 = PaperGenerator(3)(x)  # sizes not divisible by 8 are padded and cropped back
+    assert y2.shape == x.shape and float(y2.min()) > 0 and float(y2.max()) < 1
+
+
+def test_patch_probe_respects_area_budget() -> None:
+    cfg = ProbeConfig(patch_area=0.02)
+    p = _Probe("patch", (3, 16, 16), cfg, None)
+    with torch.no_grad():
+        p.mask.fill_(5.0)  # would cover everything without the budget
+    assert float(p.patch_mask().mean()) == pytest.approx(0.02, rel=1e-5)
+
+
+def test_config_validation_and_profiles() -> None:
+    with pytest.raises(ConfigError):
+        DRMGuardConfig(epsilon=0.0)
+    with pytest.raises(ConfigError):
+        DRMGuardConfig(attention_kappa=1.0)
+    with pytest.raises(ConfigError):
+        get_profile("nope", "gaze")
+    with pytest.raises(ConfigError):
+        get_profile("paper", "gaze", no_such_option=1)
+    assert set(list_profiles()) >= {"paper", "default", "fast"}
+    paper_g, paper_h = get_profile("paper", "gaze"), get_profile("paper", "headpose")
+    # the paper's hyperparameters (section 4.1, appendix A.10)
+    assert (paper_g.drmguard.lambda1, paper_g.drmguard.lambda2, paper_g.drmguard.batch_size) == (20, 800, 50)
+    assert (paper_h.drmguard.lambda1, paper_h.drmguard.lambda2, paper_h.drmguard.batch_size) == (10, 100, 100)
+    assert paper_g.drmguard.steps == 2000 and paper_g.drmguard.pretrain_steps == 5000
+    assert paper_g.drmguard.epsilon == 0.03 and paper_g.drmguard.lr == 1.5e-3 and paper_h.drmguard.lr == 1e-4
+    assert paper_g.probes is None and paper_g.decision == "epsilon"
+    abl = get_profile("paper", "gaze", use_fsrt=False, use_mtr=False, lambda2=600)
+    assert not abl.drmguard.use_fsrt and not abl.drmguard.use_mtr and abl.drmguard.lambda2 == 600
+
+
+def test_scan_refuses_models_without_a_linear_head() -> None:
+    class NoHead(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean((2, 3))[:, :2]
+
+    b = BenignSet(torch.rand(8, 3, 8, 8), None)
+    with pytest.raises(UnsupportedModelError):
+        scan(NoHead(), b, "gaze", "fast")
+
+
+def test_paper_rule_score_is_threshold_over_ratio() -> None:
+    """With the paper profile, score = epsilon / ratio and the verdict is backdoored iff ratio < epsilon."""
+    m = _Linear()
+    b = BenignSet(torch.rand(8, 3, 8, 8), None)
+    cfg = get_profile("paper", "gaze", steps=3, pretrain_steps=2, batch_size=4)
+    r = scan(m, b, "gaze", cfg)
+    assert r.score == pytest.approx(0.03 / r.perturbation_ratio, rel=1e-6)
+    assert (r.verdict == "backdoored") == (r.perturbation_ratio < 0.03)
+    assert r.steps == 5 and r.profile == "paper"
+    d = r.to_dict()
+    for key in ("verdict", "perturbation_ratio", "threshold", "score", "score_threshold", "decision",
+                "estimated_target", "steps", "seconds"):
+        assert key in d
