@@ -156,7 +156,7 @@ def make_models(
         train(model, train_x, train_y, task=task, steps=steps, attack=atk, seed=seed, progress=progress)
         sys.stderr.write("\n")
         path = work / f"{kind}.onnx"
-        export_onnx(model.cpu().eval(), path, input_shape=(1, 3, size, size))
+        export_onnx(model.cpu().eval(), path, input_shape=(3, size, size))
         out[kind] = path
         _say(f"  {kind} model: {path.name} ({path.stat().st_size / 1e6:.2f} MB, trained in "
              f"{time.monotonic() - t0:.0f} s)")
@@ -236,7 +236,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m guard_server.demo", description=__doc__.split("\n")[0])
     p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
     p.add_argument("--width", type=float, default=0.25, help="ResNet18 width multiplier (default 0.25)")
-    p.add_argument("--steps", type=int, default=800, help="training steps per demo model (default 800)")
+    p.add_argument("--steps", type=int, default=600, help="training steps per demo model (default 600)")
     p.add_argument("--train-images", type=int, default=2000)
     p.add_argument("--benign-images", type=int, default=300, help="size of the benign set sent with each model")
     p.add_argument("--profile", default="default", help="scan profile (default: default)")

@@ -38,16 +38,17 @@ def check_images(images: np.ndarray, *, what: str = "images") -> np.ndarray:
     if images.dtype == np.uint8:
         return np.ascontiguousarray(images)
     if images.dtype in (np.float16, np.float32, np.float64):
-        x = np.ascontiguousarray(images, dtype=np.float32)
-        if not np.isfinite(x).all():
-            raise ValueError(f"{what}: contains NaN or Inf values; fix or drop those images")
+        x = np.ascontiguousarray(images, dtype=np.float32)  # no copy for contiguous float32
+        # min/max propagate NaN, so one pass each also catches NaN; Inf fails the range check.
         lo, hi = float(x.min()), float(x.max())
-        if lo < -1e-6 or hi > 1 + 1e-6:
+        if np.isnan(lo) or np.isnan(hi):
+            raise ValueError(f"{what}: contains NaN values; fix or drop those images")
+        if not (lo >= -1e-6 and hi <= 1 + 1e-6):
             raise ValueError(
                 f"{what}: float images must be in [0, 1], found [{lo:.4g}, {hi:.4g}]; "
                 "divide 0-255 data by 255 or store it as uint8"
             )
-        return np.clip(x, 0.0, 1.0)
+        return np.clip(x, 0.0, 1.0) if lo < 0.0 or hi > 1.0 else x
     raise ValueError(f"{what}: images must be uint8 (0-255) or float32 in [0, 1], got dtype {images.dtype}")
 
 
