@@ -238,6 +238,23 @@ def manual_install_commands(flavour: str) -> list[str]:
     return [ln.strip() for ln in block.group(1).splitlines() if ln.strip().startswith("pip ")]
 
 
+def readme_install_commands() -> list[list[str]]:
+    """The pip commands of each code block under the README's "## Manual install"."""
+    text = (REPO / "README.md").read_text()
+    assert "## Manual install" in text, "README.md has no '## Manual install' section"
+    section = text.split("## Manual install", 1)[1].split("\n## ", 1)[0]
+    return [[ln.strip() for ln in b.splitlines() if ln.strip().startswith("pip ")]
+            for b in re.findall(r"```(?:bash|sh)\n(.*?)```", section, flags=re.S)]
+
+
+def test_readme_gives_the_same_manual_install_as_the_images() -> None:
+    blocks = readme_install_commands()
+    assert manual_install_commands("CPU") in blocks, "README 'Manual install' lacks the CPU commands of the image"
+    readme = (REPO / "README.md").read_text()
+    # The CUDA commands live in docs/operations.md; the README either repeats them or points there.
+    assert manual_install_commands("CUDA") in blocks or "docs/operations.md" in readme
+
+
 @pytest.mark.parametrize("flavour,device", [("cpu", "cpu"), ("cuda", "cuda")])
 def test_dockerfile(flavour: str, device: str) -> None:
     path = DEPLOY / "docker" / f"Dockerfile.{flavour}"
@@ -271,7 +288,8 @@ def test_dockerfile(flavour: str, device: str) -> None:
 
 
 def server_args(device: str) -> list[str]:
-    return ["--listen", f"0.0.0.0:{GRPC_PORT}", "--metrics-port", str(METRICS_PORT), "--data-dir", DATA_DIR,
+    return ["--listen", f"0.0.0.0:{GRPC_PORT}", "--metrics-port", str(METRICS_PORT), "--metrics-host", "0.0.0.0",
+            "--data-dir", DATA_DIR,
             "--device", device]
 
 
@@ -332,6 +350,11 @@ def test_compose_files_name_only_real_paths_ports_and_images() -> None:
                     assert (DEPLOY / src).exists(), f"compose {name}: mounts missing path {src}"
                 else:
                     assert src in named_volumes, f"compose {name}: unknown volume {src}"
+    # Without auth the server only listens on loopback: compose hands it a tokens file as a secret.
+    guard = services["drmguard"]
+    assert guard["environment"]["GUARD_TOKENS_FILE"] == "/run/secrets/drmguard-tokens"
+    assert guard["secrets"] == ["drmguard-tokens"]
+    assert compose["secrets"]["drmguard-tokens"]["file"].startswith("${DRMGUARD_TOKENS_FILE:?")
     published = {int(p.split(":")[-1]) for p in services["drmguard"]["ports"]}
     assert published == {GRPC_PORT, METRICS_PORT}
     assert any(v.endswith(f":{DATA_DIR}") for v in services["drmguard"]["volumes"])
