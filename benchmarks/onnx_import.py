@@ -29,13 +29,18 @@ from typing import Any
 import numpy as np
 
 
-def _median_time(fn: Any, repeat: int) -> float:
+def _times(fn: Any, repeat: int) -> list[float]:
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return times
+
+
+def _ms(times: list[float]) -> dict[str, float]:
+    # The minimum is the robust figure on a loaded shared machine; the median shows the load.
+    return {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3}
 
 
 def _measure_module(module: Any, x_np: np.ndarray, ref: np.ndarray, repeat: int) -> dict[str, Any]:
@@ -45,7 +50,7 @@ def _measure_module(module: Any, x_np: np.ndarray, ref: np.ndarray, repeat: int)
     module.eval()
     with torch.no_grad():
         y = module(x)
-        forward_s = _median_time(lambda: module(x), repeat)
+        forward = _ms(_times(lambda: module(x), repeat))
     out = y.detach().numpy()
     xg = x.clone().requires_grad_(True)
     try:
@@ -55,7 +60,7 @@ def _measure_module(module: Any, x_np: np.ndarray, ref: np.ndarray, repeat: int)
         grad_ok = f"error: {e}"
     return {
         "max_abs_diff": float(np.abs(out - ref).max()) if out.shape == ref.shape else f"shape {out.shape}",
-        "forward_ms": forward_s * 1e3,
+        "forward_ms": forward,
         "grad_to_input": grad_ok,
         "params": int(sum(p.numel() for p in module.parameters())),
     }
@@ -128,6 +133,14 @@ def worker(onnx_dir: Path, repeat: int, stub_torchvision: bool) -> dict[str, Any
         result["onnx2torch"] = version("onnx2torch")
     except Exception:  # noqa: BLE001
         pass
+    # Our importer too, in this same process and torch, so that forward times can be taken interleaved
+    # (the shared machine's load shifts by the minute; separate processes are not comparable).
+    ours_loader = None
+    try:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from drmguard_engine.onnx_io import load_onnx_model as ours_loader
+    except Exception as e:  # noqa: BLE001
+        result["ours_in_worker"] = f"unavailable: {type(e).__name__}: {e}"
     x = np.load(onnx_dir / "x.npy")
     models = {}
     for path in sorted(onnx_dir.glob("*.onnx")):
@@ -140,9 +153,35 @@ def worker(onnx_dir: Path, repeat: int, stub_torchvision: bool) -> dict[str, Any
             entry.update(_measure_module(module, x, ref, repeat))
         except Exception as e:  # noqa: BLE001
             entry["error"] = f"{type(e).__name__}: {e}"[:500]
+            module = None
+        if ours_loader is not None:
+            t = time.perf_counter()
+            ours = ours_loader(path)
+            mine: dict[str, Any] = {"import_s": time.perf_counter() - t}
+            mine.update(_measure_module(ours, x, ref, repeat))
+            entry["ours_same_process"] = mine
+            if module is not None:
+                entry["interleaved_forward_ms"] = _interleaved(
+                    {"onnx2torch": module, "ours": ours}, x, repeat
+                )
         models[path.stem] = entry
     result["models"] = models
     return result
+
+
+def _interleaved(modules: dict[str, Any], x_np: np.ndarray, repeat: int) -> dict[str, dict[str, float]]:
+    """Forward times of several modules taken in turns, so that they share the same machine load."""
+    import torch
+
+    x = torch.from_numpy(x_np)
+    times: dict[str, list[float]] = {k: [] for k in modules}
+    with torch.no_grad():
+        for _ in range(repeat):
+            for name, m in modules.items():
+                t = time.perf_counter()
+                m(x)
+                times[name].append(time.perf_counter() - t)
+    return {k: _ms(v) for k, v in times.items()}
 
 
 def main() -> int:
@@ -188,7 +227,7 @@ def main() -> int:
                 _trained_like_bn(model, seed=0)
             with torch.no_grad():
                 ref = model(x).numpy()
-                torch_fwd = _median_time(lambda m=model: m(x), args.repeat)
+                torch_fwd = _ms(_times(lambda m=model: m(x), args.repeat))
             t = time.perf_counter()
             data = export_onnx(model, work / f"{arch}.onnx")
             export_s = time.perf_counter() - t
@@ -213,8 +252,8 @@ def main() -> int:
                 "onnx_bytes": len(data),
                 "nodes": len(__import__("onnx").load_model_from_string(data).graph.node),
                 "export_s": export_s,
-                "torch_forward_ms": torch_fwd * 1e3,
-                "ort_forward_ms": _median_time(lambda s=sess, f=feed: s.run(None, f), args.repeat) * 1e3,
+                "torch_forward_ms": torch_fwd,
+                "ort_forward_ms": _ms(_times(lambda s=sess, f=feed: s.run(None, f), args.repeat)),
                 "ort_max_abs_diff": float(np.abs(ort_out - ref).max()),
                 "ref_max_abs": float(np.abs(ref).max()),
                 "ours": ours,
