@@ -325,6 +325,11 @@ def _image_ok(image: str) -> None:
     name, _, tag = image.rpartition(":")
     assert name and tag and tag != "latest", f"image {image!r} must be pinned to a tag"
     assert name == IMAGE or name in UPSTREAM_IMAGES, f"image {image!r} is neither built here nor an allowed upstream"
+    if name == IMAGE:  # tagged <package version>-<cpu|cuda>
+        import tomllib
+
+        version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+        assert tag in (f"{version}-cpu", f"{version}-cuda"), f"image {image!r}: tag must be {version}-cpu|cuda"
 
 
 def test_compose_files_name_only_real_paths_ports_and_images() -> None:
