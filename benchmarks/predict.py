@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -113,7 +114,7 @@ def build_model(work: Path, *, size: int, width: float, steps: int, seed: int) -
     model = build("resnet18", "gaze", input_size=size, width=width, seed=seed)
     train(model, x[:1600], y[:1600], task="gaze", steps=steps, seed=seed)
     path = work / f"model-{seed}.onnx"
-    export_onnx(model.cpu().eval(), path, input_shape=(1, 3, size, size))
+    export_onnx(model.cpu().eval(), path, input_shape=(3, size, size))
     return path, benign, x[1900:]
 
 
@@ -155,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--skip-scan", action="store_true", help="skip the Predict-while-scanning measurement")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the raw results as JSON")
     args = ap.parse_args(argv)
+    # SystemExit on SIGTERM unwinds through ``finally``: the server this script started is stopped too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     import onnxruntime as ort
 

@@ -246,8 +246,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SystemExit unwinds through the ``finally`` blocks, so the server we started is stopped too.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     task = "gaze"
     t_start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="drmguard-demo-"))
