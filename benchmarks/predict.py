@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import signal
 import statistics
@@ -36,6 +37,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from guard_client import GuardClient  # noqa: E402
+from guard_client.progress import ProgressLine  # noqa: E402
 
 MODEL_NAME = "bench-gaze"
 
@@ -120,7 +122,11 @@ def build_model(work: Path, *, size: int, width: float, steps: int, seed: int) -
 
 def vet_and_wait(c: GuardClient, model: Path, benign: Path, *, version: str, profile: str | None) -> dict[str, Any]:
     scan_id = c.vet(model, benign, name=MODEL_NAME, version=version, task="gaze", profile=profile)
-    out = c.wait_admission(scan_id)
+    bar = ProgressLine()
+    try:
+        out = c.wait_admission(scan_id, on_event=bar.update)
+    finally:
+        bar.close()
     return out.to_dict()
 
 
@@ -152,7 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--width", type=float, default=0.5, help="ResNet18 width multiplier (default 0.5)")
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--seconds", type=float, default=5.0, help="measuring time per configuration")
-    ap.add_argument("--profile", default=None, help="scan profile (server default when omitted)")
+    ap.add_argument("--profile", default="fast",
+                    help="scan profile for the admission scan and the background scan (default fast: the scans "
+                         "only admit the model and load the CPU; Predict is what is measured)")
     ap.add_argument("--skip-scan", action="store_true", help="skip the Predict-while-scanning measurement")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the raw results as JSON")
     args = ap.parse_args(argv)
@@ -184,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 1
             version = adm["admitted_version"]
 
+        load_before = os.getloadavg()
         sess = ort.InferenceSession(model.read_bytes(), providers=["CPUExecutionProvider"])
         in_name = sess.get_inputs()[0].name
         batches = {b: (np.resize(test_x, (b, *test_x.shape[1:])).astype(np.float32) / 255.0) for b in (1, 32)}
@@ -229,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             during = {"idle": asdict(idle), "scanning": asdict(busy), "scan_state_after": state_after,
                       "p50_ratio": busy.p50_ms / idle.p50_ms, "p99_ratio": busy.p99_ms / idle.p99_ms}
 
+        load = os.getloadavg()
+        print(f"\nload average before/after: {load_before[0]:.1f} / {load[0]:.1f} (1 min), "
+              f"{os.cpu_count()} CPUs")
         print(f"\n## Predict vs bare ONNX Runtime ({platform.processor() or platform.machine()}, "
               f"ResNet18 x{args.width}, {args.size}x{args.size}, {args.seconds:.0f} s per row)\n")
         print(table(results))
@@ -243,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"(scan state after the window: {during['scan_state_after']})")
         if args.json:
             Path(args.json).write_text(json.dumps({"rows": [asdict(r) for r in results], "during_scan": during,
-                                                   "max_abs_diff": diff, "scan_seconds": scan_s}, indent=2))
+                                                   "max_abs_diff": diff, "scan_seconds": scan_s,
+                                                   "loadavg": [load_before[0], load[0]]}, indent=2))
         return 0
     finally:
         if server is not None:
