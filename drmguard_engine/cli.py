@@ -246,11 +246,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output ONNX model; sidecars M.json and M.attack.npz go beside it")
 
 
-def _load_training_data(path: str, task: str) -> tuple[np.ndarray, np.ndarray]:
+def _load_training_data(path: str, task: str, option: str = "--data") -> tuple[np.ndarray, np.ndarray]:
     """Validated arrays; uint8 images stay uint8 (the trainer converts per batch)."""
     from .data.benign import validate_arrays
 
-    p = existing_file(path, "--data" if "test" not in path else "data file")
+    p = existing_file(path, option)
     try:
         with np.load(p, allow_pickle=False) as z:
             if "images" not in z.files or "labels" not in z.files:
@@ -265,8 +265,11 @@ def _load_training_data(path: str, task: str) -> tuple[np.ndarray, np.ndarray]:
     validate_arrays(images[:256], labels[:256], task=task, what=p.name)  # cheap shape/dtype/range check
     if not np.isfinite(labels).all():
         raise DataError(f"{p.name}: 'labels' contain NaN or Inf values; remove or fix those rows")
-    if images.dtype != np.uint8 and not np.isfinite(images).all():
-        raise DataError(f"{p.name}: 'images' contain NaN or Inf values; remove or fix those images")
+    if images.dtype != np.uint8:
+        if not np.isfinite(images).all():
+            raise DataError(f"{p.name}: 'images' contain NaN or Inf values; remove or fix those images")
+        if images.min() < 0 or images.max() > 1:
+            raise DataError(f"{p.name}: float images must be in [0, 1]; divide 0-255 data by 255 or store uint8")
     return images, labels.astype(np.float32)
 
 
@@ -337,7 +340,9 @@ def _run_train(a: argparse.Namespace) -> dict[str, Any]:
     n_eval = min(len(images), 1000)
     result["train_metrics"] = evaluate(model, images[:n_eval], labels[:n_eval], task, attack=attack, device=device)
     if a.test_data:
-        te_x, te_y = _load_training_data(a.test_data, task.value)
+        te_x, te_y = _load_training_data(a.test_data, task.value, "--test-data")
+        if te_x.shape[1:] != images.shape[1:]:
+            raise DataError(f"--test-data images are {te_x.shape[1:]}, the training images {images.shape[1:]}")
         result["test_metrics"] = evaluate(model, te_x, te_y, task, attack=attack, device=device)
     model = model.cpu().eval()
     _export(model, out, size)
