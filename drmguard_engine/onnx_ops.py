@@ -1105,7 +1105,24 @@ def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, op
     steps: dict[str, Step] = {}
     producers: dict[str, onnx.NodeProto] = {}
     env: dict[str, torch.Tensor] = {input_name: example}
-    for node in graph.node:
+    # Free each dry-run activation after its last use (keeping its shape on the meta device), so a large
+    # input does not keep every intermediate of the graph in memory at once.
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(graph.node):
+        for name in list(node.input) + list(node.output):
+            if name:
+                last_use[name] = i
+    for out in graph.output:
+        last_use[out.name] = len(graph.node)
+    free_after: dict[int, list[str]] = {}
+    for name, i in last_use.items():
+        free_after.setdefault(i, []).append(name)
+    for index, node in enumerate(graph.node):
+        for name in free_after.get(index - 1, ()):
+            v = values.get(name)
+            if isinstance(v, Dyn) and name != input_name:
+                values[name] = Dyn(torch.empty(v.example.shape, device="meta"))
+                env.pop(name, None)
         for out in node.output:
             if out:
                 producers[out] = node
