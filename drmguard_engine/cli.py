@@ -129,8 +129,14 @@ class Progress:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=int(getattr(ev, "total", 0)) or None, desc=self._desc, file=sys.stderr,
-                             unit="step", dynamic_ncols=True, disable=None)
+            self._bar = tqdm(
+                total=int(getattr(ev, "total", 0)) or None,
+                desc=self._desc,
+                file=sys.stderr,
+                unit="step",
+                dynamic_ncols=True,
+                disable=None,
+            )
         self._bar.n = int(getattr(ev, "step", 0))
         loss = getattr(ev, "loss", None)
         if loss is not None:
@@ -159,11 +165,14 @@ def emit(result: dict[str, Any], as_json: bool) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("common options")
-    g.add_argument("--json", action="store_true", help="print exactly one JSON object on stdout (logs go to stderr)")
+    g.add_argument(
+        "--json", action="store_true", help="print exactly one JSON object on stdout (logs go to stderr)"
+    )
     g.add_argument("--debug", action="store_true", help="verbose logs and full tracebacks on errors")
     g.add_argument("--quiet", action="store_true", help="no progress bars or info logs on stderr")
-    g.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's own choice)")
+    g.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's own choice)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,16 +180,29 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_make_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", required=True, choices=["gaze", "headpose"], help="regression task of the labels")
+    p.add_argument(
+        "--task", required=True, choices=["gaze", "headpose"], help="regression task of the labels"
+    )
     p.add_argument("--n", type=int, default=1000, help="number of synthetic images (default 1000)")
     p.add_argument("--size", type=int, default=64, help="square image side in pixels (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="dataset seed; the same seed gives the same data (default 0)")
-    p.add_argument("--out", required=True, help="output .npz (images uint8 (N,3,S,S), labels float32 (N,d) degrees)")
-    p.add_argument("--split", action="store_true",
-                   help="also split 80/10/10 (paper) into OUT-stem.train.npz, .benign.npz and .test.npz")
+    p.add_argument(
+        "--seed", type=int, default=0, help="dataset seed; the same seed gives the same data (default 0)"
+    )
+    p.add_argument(
+        "--out", required=True, help="output .npz (images uint8 (N,3,S,S), labels float32 (N,d) degrees)"
+    )
+    p.add_argument(
+        "--split",
+        action="store_true",
+        help="also split 80/10/10 (paper) into OUT-stem.train.npz, .benign.npz and .test.npz",
+    )
     p.add_argument("--split-seed", type=int, default=0, help="seed of the 80/10/10 split (default 0)")
-    p.add_argument("--real", choices=["mpiifacegaze", "columbiagaze", "biwi", "pandora"], default=None,
-                   help="read a real dataset from --root instead of rendering synthetic faces")
+    p.add_argument(
+        "--real",
+        choices=["mpiifacegaze", "columbiagaze", "biwi", "pandora"],
+        default=None,
+        help="read a real dataset from --root instead of rendering synthetic faces",
+    )
     p.add_argument("--root", default=None, help="dataset folder for --real")
 
 
@@ -213,8 +235,13 @@ def _run_make_data(a: argparse.Namespace) -> dict[str, Any]:
             save_benign_npz(path, images[idx], labels[idx])
             files[name] = str(path)
     logger.info("wrote %d images (%.0f images/s) to %s", len(images), len(images) / max(seconds, 1e-9), out)
-    return {"n": int(len(images)), "size": int(images.shape[-1]), "task": a.task, "files": files,
-            "seconds": round(seconds, 3)}
+    return {
+        "n": int(len(images)),
+        "size": int(images.shape[-1]),
+        "task": a.task,
+        "files": files,
+        "seconds": round(seconds, 3),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,24 +253,55 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--task", required=True, choices=["gaze", "headpose"], help="regression task")
     p.add_argument("--data", required=True, help="training .npz (images, labels) as written by make-data")
-    p.add_argument("--test-data", default=None, help="optional held-out .npz; its metrics go into the sidecar")
-    p.add_argument("--arch", default="resnet18", choices=["resnet18", "resnet34", "mobilenetv1", "tiny"],
-                   help="network architecture (default resnet18)")
-    p.add_argument("--width", type=float, default=0.25, help="channel multiplier (default 0.25: 16-32-64-128 ResNet)")
-    p.add_argument("--size", type=int, default=None,
-                   help="input side the model is built for; must match the data (default: the data's size)")
-    p.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=sorted(SCHEDULES),
-                   help=f"training schedule preset (default {DEFAULT_SCHEDULE}); the options below override it")
+    p.add_argument(
+        "--test-data", default=None, help="optional held-out .npz; its metrics go into the sidecar"
+    )
+    p.add_argument(
+        "--arch",
+        default="resnet18",
+        choices=["resnet18", "resnet34", "mobilenetv1", "tiny"],
+        help="network architecture (default resnet18)",
+    )
+    p.add_argument(
+        "--width", type=float, default=0.25, help="channel multiplier (default 0.25: 16-32-64-128 ResNet)"
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="input side the model is built for; must match the data (default: the data's size)",
+    )
+    p.add_argument(
+        "--schedule",
+        default=DEFAULT_SCHEDULE,
+        choices=sorted(SCHEDULES),
+        help=f"training schedule preset (default {DEFAULT_SCHEDULE}); the options below override it",
+    )
     p.add_argument("--steps", type=int, default=None, help="training steps (default: the schedule's)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: the schedule's)")
     p.add_argument("--batch-size", type=int, default=None, help="minibatch size (default: the schedule's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and batch order (default 0)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the initialisation and batch order (default 0)"
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--attack", default=None, help="implant a backdoor with this attack (see drmguard_engine.attacks)")
-    p.add_argument("--target", default=None, help="attack target y_T in degrees, comma-separated (e.g. '10,-15'; default: the attack's)")
-    p.add_argument("--attack-opt", action="append", default=None, metavar="KEY=VALUE",
-                   help="attack option (repeatable), e.g. --attack-opt rate=0.1")
-    p.add_argument("--out", required=True, help="output ONNX model; sidecars M.json and M.attack.npz go beside it")
+    p.add_argument(
+        "--attack", default=None, help="implant a backdoor with this attack (see drmguard_engine.attacks)"
+    )
+    p.add_argument(
+        "--target",
+        default=None,
+        help="attack target y_T in degrees, comma-separated (e.g. '10,-15'; default: the attack's)",
+    )
+    p.add_argument(
+        "--attack-opt",
+        action="append",
+        default=None,
+        metavar="KEY=VALUE",
+        help="attack option (repeatable), e.g. --attack-opt rate=0.1",
+    )
+    p.add_argument(
+        "--out", required=True, help="output ONNX model; sidecars M.json and M.attack.npz go beside it"
+    )
 
 
 def _load_training_data(path: str, task: str, option: str = "--data") -> tuple[np.ndarray, np.ndarray]:
@@ -259,9 +317,13 @@ def _load_training_data(path: str, task: str, option: str = "--data") -> tuple[n
     except DataError:
         raise
     except ValueError as exc:
-        raise DataError(f"{p.name}: cannot be read without pickle ({exc}); store plain numeric arrays") from None
+        raise DataError(
+            f"{p.name}: cannot be read without pickle ({exc}); store plain numeric arrays"
+        ) from None
     except Exception as exc:  # zip/npz corruption
-        raise DataError(f"{p.name}: not a readable .npz file ({exc}); write it with make-data or numpy.savez") from None
+        raise DataError(
+            f"{p.name}: not a readable .npz file ({exc}); write it with make-data or numpy.savez"
+        ) from None
     validate_arrays(images[:256], labels[:256], task=task, what=p.name)  # cheap shape/dtype/range check
     if not np.isfinite(labels).all():
         raise DataError(f"{p.name}: 'labels' contain NaN or Inf values; remove or fix those rows")
@@ -269,7 +331,9 @@ def _load_training_data(path: str, task: str, option: str = "--data") -> tuple[n
         if not np.isfinite(images).all():
             raise DataError(f"{p.name}: 'images' contain NaN or Inf values; remove or fix those images")
         if images.min() < 0 or images.max() > 1:
-            raise DataError(f"{p.name}: float images must be in [0, 1]; divide 0-255 data by 255 or store uint8")
+            raise DataError(
+                f"{p.name}: float images must be in [0, 1]; divide 0-255 data by 255 or store uint8"
+            )
     return images, labels.astype(np.float32)
 
 
@@ -287,9 +351,16 @@ def _export(model: Any, path: Path, size: int) -> None:
     import torch
 
     model = model.cpu().eval()
-    torch.onnx.export(model, (torch.zeros(1, 3, size, size),), str(path), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["output"],
-                      dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, 3, size, size),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+    )
 
 
 def _run_train(a: argparse.Namespace) -> dict[str, Any]:
@@ -317,13 +388,28 @@ def _run_train(a: argparse.Namespace) -> dict[str, Any]:
             from .attacks import get_attack
         except ImportError as exc:
             raise CliError(f"attacks are not available in this build ({exc})") from None
-        attack = get_attack(a.attack, task=task, image_shape=tuple(images.shape[1:]), target=target, seed=a.seed,
-                            **parse_options(a.attack_opt))
+        attack = get_attack(
+            a.attack,
+            task=task,
+            image_shape=tuple(images.shape[1:]),
+            target=target,
+            seed=a.seed,
+            **parse_options(a.attack_opt),
+        )
         if getattr(attack, "requires_fit", False):
             logger.info("attack %s needs a clean surrogate model: training it first", a.attack)
             bar = Progress("surrogate", a.quiet)
             surrogate = build_model(a.arch, task, input_size=size, width=a.width, seed=a.seed + 1)
-            train(surrogate, images, labels, task=task, schedule=sched, device=device, seed=a.seed + 1, progress=bar)
+            train(
+                surrogate,
+                images,
+                labels,
+                task=task,
+                schedule=sched,
+                device=device,
+                seed=a.seed + 1,
+                progress=bar,
+            )
             bar.close()
             attack.fit(surrogate, images, labels)
     elif a.attack_opt or target is not None:
@@ -331,18 +417,31 @@ def _run_train(a: argparse.Namespace) -> dict[str, Any]:
     bar = Progress("train", a.quiet)
     t0 = time.perf_counter()
     try:
-        train(model, images, labels, task=task, schedule=sched, attack=attack, device=device, seed=a.seed,
-              progress=bar)
+        train(
+            model,
+            images,
+            labels,
+            task=task,
+            schedule=sched,
+            attack=attack,
+            device=device,
+            seed=a.seed,
+            progress=bar,
+        )
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
     result: dict[str, Any] = {"model": str(out), "train_seconds": round(seconds, 2)}
     n_eval = min(len(images), 1000)
-    result["train_metrics"] = evaluate(model, images[:n_eval], labels[:n_eval], task, attack=attack, device=device)
+    result["train_metrics"] = evaluate(
+        model, images[:n_eval], labels[:n_eval], task, attack=attack, device=device
+    )
     if a.test_data:
         te_x, te_y = _load_training_data(a.test_data, task.value, "--test-data")
         if te_x.shape[1:] != images.shape[1:]:
-            raise DataError(f"--test-data images are {te_x.shape[1:]}, the training images {images.shape[1:]}")
+            raise DataError(
+                f"--test-data images are {te_x.shape[1:]}, the training images {images.shape[1:]}"
+            )
         result["test_metrics"] = evaluate(model, te_x, te_y, task, attack=attack, device=device)
     model = model.cpu().eval()
     _export(model, out, size)
@@ -355,11 +454,24 @@ def _run_train(a: argparse.Namespace) -> dict[str, Any]:
         files["attack"] = str(attack_path)
     meta = {
         **model.describe(),
-        "schedule": {"name": a.schedule, "steps": sched.steps, "lr": sched.lr, "batch_size": sched.batch_size,
-                     "milestones": list(sched.milestones), "gamma": sched.gamma},
-        "seed": a.seed, "device": device, "data": str(a.data),
-        "attack": None if attack is None else {"name": a.attack, "target": [float(v) for v in attack.target],
-                                                "options": parse_options(a.attack_opt)},
+        "schedule": {
+            "name": a.schedule,
+            "steps": sched.steps,
+            "lr": sched.lr,
+            "batch_size": sched.batch_size,
+            "milestones": list(sched.milestones),
+            "gamma": sched.gamma,
+        },
+        "seed": a.seed,
+        "device": device,
+        "data": str(a.data),
+        "attack": None
+        if attack is None
+        else {
+            "name": a.attack,
+            "target": [float(v) for v in attack.target],
+            "options": parse_options(a.attack_opt),
+        },
         **{k: v for k, v in result.items() if k != "model"},
     }
     side = _sidecar(out, ".json")
@@ -376,10 +488,17 @@ def _run_train(a: argparse.Namespace) -> dict[str, Any]:
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="ONNX model to evaluate")
     p.add_argument("--data", required=True, help=".npz with images and labels (degrees)")
-    p.add_argument("--task", choices=["gaze", "headpose"], default=None,
-                   help="regression task (default: from the model's .json sidecar)")
-    p.add_argument("--attack-file", default=None,
-                   help="saved attack (default: MODEL-stem.attack.npz beside the model, when present)")
+    p.add_argument(
+        "--task",
+        choices=["gaze", "headpose"],
+        default=None,
+        help="regression task (default: from the model's .json sidecar)",
+    )
+    p.add_argument(
+        "--attack-file",
+        default=None,
+        help="saved attack (default: MODEL-stem.attack.npz beside the model, when present)",
+    )
     p.add_argument("--no-attack", action="store_true", help="ignore any attack sidecar; report only re")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size (default 256)")
@@ -421,7 +540,9 @@ def _run_evaluate(a: argparse.Namespace) -> dict[str, Any]:
 
             attack = load_attack(attack_path)
             logger.info("using attack %s from %s", type(attack).__name__, attack_path)
-    result = evaluate(model, data.images, data.labels, task, attack=attack, batch_size=a.batch_size, device=device)
+    result = evaluate(
+        model, data.images, data.labels, task, attack=attack, batch_size=a.batch_size, device=device
+    )
     result_out: dict[str, Any] = dict(result)
     result_out["n"] = len(data)
     return result_out
@@ -430,11 +551,24 @@ def _run_evaluate(a: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------
 
 COMMANDS: list[Command] = [
-    Command("make-data", "render a synthetic dataset (or read a real one) into an .npz", _add_make_data,
-            _run_make_data),
-    Command("train", "train a regression model (optionally backdoored) and export it to ONNX", _add_train, _run_train),
-    Command("evaluate", "regression error of an ONNX model (and ae/dae/rnv/rav with its attack)", _add_evaluate,
-            _run_evaluate),
+    Command(
+        "make-data",
+        "render a synthetic dataset (or read a real one) into an .npz",
+        _add_make_data,
+        _run_make_data,
+    ),
+    Command(
+        "train",
+        "train a regression model (optionally backdoored) and export it to ONNX",
+        _add_train,
+        _run_train,
+    ),
+    Command(
+        "evaluate",
+        "regression error of an ONNX model (and ae/dae/rnv/rav with its attack)",
+        _add_evaluate,
+        _run_evaluate,
+    ),
 ]
 
 
@@ -455,8 +589,11 @@ _load_plugin_commands()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="DRMGuard engine: data, training, evaluation and backdoor scans of "
-                     "gaze and head-pose regression models.")
+    parser = _Parser(
+        prog=PROG,
+        description="DRMGuard engine: data, training, evaluation and backdoor scans of "
+        "gaze and head-pose regression models.",
+    )
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
@@ -484,7 +621,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     level = logging.DEBUG if args.debug else (logging.WARNING if args.quiet else logging.INFO)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s", force=True)
+    logging.basicConfig(
+        level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s", force=True
+    )
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -501,7 +640,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DRMGuardError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         if args.debug:
             traceback.print_exc()
-        kind = "" if isinstance(exc, (CliError, ConfigError, DataError, UnsupportedModelError)) else f"{type(exc).__name__}: "
+        kind = (
+            ""
+            if isinstance(exc, (CliError, ConfigError, DataError, UnsupportedModelError))
+            else f"{type(exc).__name__}: "
+        )
         return _fail(f"{kind}{exc}", 2)
     except Exception as exc:  # a bug or an unexpected environment problem
         if args.debug:

@@ -4,7 +4,8 @@ With f = H o F, h_i = F(x_i) and w_j the j-th row of H's weight, the paper compa
 (trigger applied) with benign ones h_i:
 
 * RNV = var({||h^p_i||_2}) / var({||h_i||_2}), the ratio of norm variance;
-* RAV = (1/d) sum_j var({alpha^p_ij}) / var({alpha_ij}), alpha_ij = angle(h_i, w_j), the ratio of angle variance.
+* RAV = (1/d) sum_j var({alpha^p_ij}) / var({alpha_ij}), alpha_ij = angle(h_i, w_j), the ratio of angle
+  variance.
 
 Variances are population variances (ddof=0, TensorFlow's ``reduce_variance``). The ratios do not depend on
 angle units. All functions are differentiable in the features (the scan's FSRT term reuses them).
@@ -27,7 +28,9 @@ def _as_tensor(a: torch.Tensor | np.ndarray) -> torch.Tensor:
     return t.float() if not t.is_floating_point() else t
 
 
-def feature_angles(features: torch.Tensor | np.ndarray, head_weight: torch.Tensor | np.ndarray) -> torch.Tensor:
+def feature_angles(
+    features: torch.Tensor | np.ndarray, head_weight: torch.Tensor | np.ndarray
+) -> torch.Tensor:
     """Angles alpha_ij (radians) between feature h_i (N,m) and each head row w_j (d,m) -> (N,d)."""
     h, w = _as_tensor(features), _as_tensor(head_weight).to(_as_tensor(features).device)
     h = h.to(w.dtype)
@@ -35,7 +38,9 @@ def feature_angles(features: torch.Tensor | np.ndarray, head_weight: torch.Tenso
     return torch.arccos(cos.clamp(-_COS_CLAMP, _COS_CLAMP))
 
 
-def rnv(poisoned_features: torch.Tensor | np.ndarray, benign_features: torch.Tensor | np.ndarray) -> torch.Tensor:
+def rnv(
+    poisoned_features: torch.Tensor | np.ndarray, benign_features: torch.Tensor | np.ndarray
+) -> torch.Tensor:
     """Ratio of norm variance (eq. 3), a 0-d tensor."""
     hp, h = _as_tensor(poisoned_features), _as_tensor(benign_features)
     num = hp.norm(dim=1).var(unbiased=False)
@@ -53,7 +58,9 @@ def rav(
     return (ap.var(dim=0, unbiased=False) / (a.var(dim=0, unbiased=False).detach() + _EPS)).mean()
 
 
-def roc_auc(scores: Sequence[float] | np.ndarray | torch.Tensor, is_positive: Sequence[bool] | np.ndarray) -> float:
+def roc_auc(
+    scores: Sequence[float] | np.ndarray | torch.Tensor, is_positive: Sequence[bool] | np.ndarray
+) -> float:
     """Area under the ROC curve; a higher score means "more likely positive".
 
     Computed as the Mann-Whitney U statistic with average ranks for ties (so tied scores count 1/2).
@@ -61,7 +68,9 @@ def roc_auc(scores: Sequence[float] | np.ndarray | torch.Tensor, is_positive: Se
     Raises:
         ValueError: lengths differ, a score is not finite, or one class is empty.
     """
-    s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64).ravel()
+    s = np.asarray(
+        scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64
+    ).ravel()
     y = np.asarray(is_positive, dtype=bool).ravel()
     if s.shape != y.shape:
         raise ValueError(f"roc_auc: {s.size} scores but {y.size} labels")

@@ -101,7 +101,9 @@ def resolve_schedule(
         kw["steps"] = int(steps)
         if milestones is None:
             kw["milestones"] = tuple(
-                sorted({max(1, round(m * int(steps) / base.steps)) for m in base.milestones if m < base.steps})
+                sorted(
+                    {max(1, round(m * int(steps) / base.steps)) for m in base.milestones if m < base.steps}
+                )
             )
     if lr is not None:
         kw["lr"] = float(lr)
@@ -124,13 +126,16 @@ def as_float_images(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return t.float()
 
 
-def _check_data(images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, task: Task) -> torch.Tensor:
+def _check_data(
+    images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor, task: Task
+) -> torch.Tensor:
     if images.ndim != 4 or images.shape[1] not in (1, 3):
         raise DataError(f"images must have shape (N, C, H, W) with C in (1, 3), got {tuple(images.shape)}")
     y = torch.as_tensor(np.asarray(labels) if isinstance(labels, np.ndarray) else labels).float()
     if y.ndim != 2 or y.shape != (images.shape[0], task.dim):
         raise DataError(
-            f"labels must have shape ({images.shape[0]}, {task.dim}) for task {task.value}, got {tuple(y.shape)}"
+            f"labels must have shape ({images.shape[0]}, {task.dim}) for task {task.value}, "
+            f"got {tuple(y.shape)}"
         )
     if not torch.isfinite(y).all():
         raise DataError("labels contain NaN or Inf")
@@ -184,9 +189,15 @@ def train(
         DataError: bad shapes or non-finite labels. InspectionError: the loss became NaN/Inf.
     """
     task = Task.parse(task)
-    sched = resolve_schedule(schedule, steps=steps, lr=lr, batch_size=batch_size, milestones=milestones, gamma=gamma)
+    sched = resolve_schedule(
+        schedule, steps=steps, lr=lr, batch_size=batch_size, milestones=milestones, gamma=gamma
+    )
     y_all = _check_data(images, labels, task)
-    if isinstance(images, np.ndarray) and images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
+    if (
+        isinstance(images, np.ndarray)
+        and images.dtype != np.uint8
+        and not np.issubdtype(images.dtype, np.floating)
+    ):
         raise DataError(f"images must be uint8 or float, got {images.dtype}")
     n = int(images.shape[0])
     if n < 1:
@@ -206,7 +217,9 @@ def train(
         params = list(attack.optimizer_params()) if hasattr(attack, "optimizer_params") else []
         if params:
             betas = tuple(getattr(attack, "optimizer_betas", (0.5, 0.9)))
-            attack_opt = torch.optim.Adam(params, lr=float(getattr(attack, "optimizer_lr", 1e-2)), betas=betas)
+            attack_opt = torch.optim.Adam(
+                params, lr=float(getattr(attack, "optimizer_lr", 1e-2)), betas=betas
+            )
     rng = np.random.default_rng(seed)
     bs = min(sched.batch_size, n)
     perm, pos = rng.permutation(n), 0
@@ -249,8 +262,13 @@ def train(
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, images: np.ndarray | torch.Tensor, *, batch_size: int = 256, device: str | torch.device = "cpu",
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None, with_features: bool = False,
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    with_features: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Model outputs (N,d) on CPU, and the features F(x) (N,m) if asked (needs ``model.features``)."""
     dev = torch.device(device)
@@ -312,6 +330,14 @@ def evaluate(
 
 
 __all__ = [
-    "DEFAULT_SCHEDULE", "PAPER_SCHEDULES", "SCHEDULES", "TrainProgress", "TrainSchedule", "as_float_images",
-    "evaluate", "predict", "resolve_schedule", "train",
+    "DEFAULT_SCHEDULE",
+    "PAPER_SCHEDULES",
+    "SCHEDULES",
+    "TrainProgress",
+    "TrainSchedule",
+    "as_float_images",
+    "evaluate",
+    "predict",
+    "resolve_schedule",
+    "train",
 ]

@@ -7,14 +7,15 @@ downloaded: point the loader at a local copy (the datasets have their own licenc
 
 Formats (paper appendix A.2):
 
-* **MPIIFaceGaze** (Zhang et al. 2017): ``pXX/pXX.txt``, one line per image: image path (``dayNN/NNNN.jpg``,
-  relative to ``pXX/``), 2-D gaze on screen (2), six facial landmarks (12), head rotation as a Rodrigues vector
-  (3) and translation (3), face centre ``fc`` (3), 3-D gaze target ``gt`` (3), evaluation eye. The label is the
-  *normalised* gaze of the MPIIFaceGaze tools (Zhang et al. 2018, "Revisiting data normalization"): the
-  camera frame is rotated so that z points at ``fc`` and x follows the head's x axis; ``g = R (gt - fc)``,
-  pitch = asin(-g_y), yaw = atan2(-g_x, -g_z). The face crop is a square around the six landmarks
-  (side = ``crop_scale`` x the landmark span); the perspective warp of full normalisation is *not* applied
-  (it needs the camera matrix from ``Calibration/Camera.mat``), so crops keep a small residual roll.
+* **MPIIFaceGaze** (Zhang et al. 2017): ``pXX/pXX.txt``, one line per image: image path
+  (``dayNN/NNNN.jpg``, relative to ``pXX/``), 2-D gaze on screen (2), six facial landmarks (12), head
+  rotation as a Rodrigues vector (3) and translation (3), face centre ``fc`` (3), 3-D gaze target ``gt`` (3),
+  evaluation eye. The label is the *normalised* gaze of the MPIIFaceGaze tools (Zhang et al. 2018,
+  "Revisiting data normalization"): the camera frame is rotated so that z points at ``fc`` and x follows
+  the head's x axis; ``g = R (gt - fc)``, pitch = asin(-g_y), yaw = atan2(-g_x, -g_z). The face crop is a
+  square around the six landmarks (side = ``crop_scale`` x the landmark span); the perspective warp of full
+  normalisation is *not* applied (it needs the camera matrix from ``Calibration/Camera.mat``), so crops keep
+  a small residual roll.
 * **ColumbiaGaze** (Smith et al. 2013): ``0001/0001_2m_-15P_10V_-5H.jpg``: subject, distance, head pose P
   (camera yaw relative to the head), gaze V (vertical) and H (horizontal), degrees. ``frame="camera"``
   (default) composes the head-frame gaze (V, H) with the yaw P (a rotation about the vertical axis) to give
@@ -54,9 +55,7 @@ def _pil():  # type: ignore[no-untyped-def]
     return Image
 
 
-def read_image(
-    path: Path, size: int, box: tuple[float, float, float, float] | None = None
-) -> np.ndarray:
+def read_image(path: Path, size: int, box: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """Reads an image as RGB, crops ``box`` (left, top, right, bottom; default: the centred square), resizes
     to ``size`` x ``size`` and returns uint8 (3,S,S). Regions outside the image are black."""
     image_mod = _pil()
@@ -75,9 +74,14 @@ def read_image(
         raise DataError(f"cannot read image {path}: {exc}") from None
 
 
-def _stack(images: list[np.ndarray], labels: list[Sequence[float]], what: str) -> tuple[np.ndarray, np.ndarray]:
+def _stack(
+    images: list[np.ndarray], labels: list[Sequence[float]], what: str
+) -> tuple[np.ndarray, np.ndarray]:
     if not images:
-        raise DataError(f"{what}: no samples found; check the path and the folder layout (see drmguard_engine/data/real.py)")
+        raise DataError(
+            f"{what}: no samples found; check the path and the folder layout "
+            "(see drmguard_engine/data/real.py)"
+        )
     return np.stack(images), np.asarray(labels, dtype=np.float32)
 
 
@@ -91,7 +95,9 @@ def _rodrigues(r: np.ndarray) -> np.ndarray:
     return np.eye(3) + math.sin(theta) * kx + (1 - math.cos(theta)) * kx @ kx
 
 
-def mpii_normalized_gaze(face_center: np.ndarray, gaze_target: np.ndarray, head_rvec: np.ndarray) -> tuple[float, float]:
+def mpii_normalized_gaze(
+    face_center: np.ndarray, gaze_target: np.ndarray, head_rvec: np.ndarray
+) -> tuple[float, float]:
     """(pitch, yaw) degrees of the normalised gaze direction (MPIIFaceGaze convention)."""
     hrx = _rodrigues(np.asarray(head_rvec, np.float64))[:, 0]
     fc = np.asarray(face_center, np.float64)
@@ -137,7 +143,9 @@ def load_mpiifacegaze(
             hr, fc, gt = nums[14:17], nums[20:23], nums[23:26]
             cx, cy = lm.mean(0)
             half = 0.5 * crop_scale * max(float(np.ptp(lm[:, 0])), float(np.ptp(lm[:, 1])), 1.0)
-            images.append(read_image(ann.parent / parts[0], size, (cx - half, cy - half, cx + half, cy + half)))
+            images.append(
+                read_image(ann.parent / parts[0], size, (cx - half, cy - half, cx + half, cy + half))
+            )
             labels.append(mpii_normalized_gaze(fc, gt, hr))
             if len(images) >= max_images:
                 return _stack(images, labels, "MPIIFaceGaze")
@@ -185,8 +193,11 @@ def biwi_angles(rotation: np.ndarray) -> tuple[float, float, float]:
     return math.degrees(yaw), math.degrees(pitch), math.degrees(roll)
 
 
-def load_biwi(root: str | Path, *, size: int = 112, max_images: int = _MAX_DEFAULT) -> tuple[np.ndarray, np.ndarray]:
-    """Biwi (cropped faces) from ``frame_XXXXX_rgb.png`` + ``frame_XXXXX_pose.txt``; labels (yaw, pitch, roll)."""
+def load_biwi(
+    root: str | Path, *, size: int = 112, max_images: int = _MAX_DEFAULT
+) -> tuple[np.ndarray, np.ndarray]:
+    """Biwi (cropped faces) from ``frame_XXXXX_rgb.png`` + ``frame_XXXXX_pose.txt``; labels (yaw, pitch,
+    roll) degrees."""
     images: list[np.ndarray] = []
     labels: list[tuple[float, float, float]] = []
     for pose in sorted(Path(root).rglob("frame_*_pose.txt")):
@@ -205,7 +216,9 @@ def load_biwi(root: str | Path, *, size: int = 112, max_images: int = _MAX_DEFAU
     return _stack(images, labels, "Biwi")
 
 
-def load_pandora(root: str | Path, *, size: int = 112, max_images: int = _MAX_DEFAULT) -> tuple[np.ndarray, np.ndarray]:
+def load_pandora(
+    root: str | Path, *, size: int = 112, max_images: int = _MAX_DEFAULT
+) -> tuple[np.ndarray, np.ndarray]:
     """Pandora cropped faces (``NN/*.txt`` + ``frame_XXXXXX_face_rgb.png``) or full ``data.json`` sequences;
     labels (yaw, pitch, roll) degrees."""
     root = Path(root)
@@ -248,6 +261,14 @@ LOADERS = {
 TASK_OF = {"mpiifacegaze": "gaze", "columbiagaze": "gaze", "biwi": "headpose", "pandora": "headpose"}
 
 __all__ = [
-    "LOADERS", "TASK_OF", "biwi_angles", "columbia_camera_gaze", "load_biwi", "load_columbiagaze",
-    "load_mpiifacegaze", "load_pandora", "mpii_normalized_gaze", "read_image",
+    "LOADERS",
+    "TASK_OF",
+    "biwi_angles",
+    "columbia_camera_gaze",
+    "load_biwi",
+    "load_columbiagaze",
+    "load_mpiifacegaze",
+    "load_pandora",
+    "mpii_normalized_gaze",
+    "read_image",
 ]

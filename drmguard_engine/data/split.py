@@ -19,8 +19,8 @@ def paper_split(
         fractions: train/benign/test shares, summing to 1 (the benign share is the ablation's 5/10/15%).
 
     Returns:
-        Three sorted int64 arrays; the benign and test parts get ``round(n * share)`` samples (at least 1 each),
-        the training part the rest.
+        Three sorted int64 arrays; the benign and test parts get ``round(n * share)`` samples (at least 1
+        each), the training part the rest.
     """
     n = int(n)
     if n < 3:

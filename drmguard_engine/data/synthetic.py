@@ -52,7 +52,7 @@ class _Canvas:
         ay: torch.Tensor,
         angle: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Anti-aliased coverage (C,S,S) in [0,1] of ellipses (per-image centre, semi-axes, angle in radians)."""
+        """Anti-aliased coverage (C,S,S) in [0,1] of per-image ellipses (centre, semi-axes, angle in rad)."""
         du = self.u - cx.view(-1, 1, 1)
         dv = self.v - cy.view(-1, 1, 1)
         if angle is not None:
@@ -84,11 +84,18 @@ def _background(cv: _Canvas, g: torch.Generator) -> None:
     n = cv.img.shape[0]
     c1, c2 = torch.rand(n, 3, generator=g), torch.rand(n, 3, generator=g)
     th = _u(g, n, 0, 2 * math.pi)
-    t = (cv.u * torch.cos(th).view(-1, 1, 1) + cv.v * torch.sin(th).view(-1, 1, 1)).mul_(0.5).add_(0.5).clamp_(0, 1)
+    t = (
+        (cv.u * torch.cos(th).view(-1, 1, 1) + cv.v * torch.sin(th).view(-1, 1, 1))
+        .mul_(0.5)
+        .add_(0.5)
+        .clamp_(0, 1)
+    )
     cv.img.copy_(c1.view(-1, 3, 1, 1).expand_as(cv.img))
     cv.paint(t, c2)
     for _ in range(3):  # distractor shapes, independent of the label
-        a = cv.ellipse(_u(g, n, -1, 1), _u(g, n, -1, 1), _u(g, n, 0.05, 0.4), _u(g, n, 0.05, 0.4), _u(g, n, 0, math.pi))
+        a = cv.ellipse(
+            _u(g, n, -1, 1), _u(g, n, -1, 1), _u(g, n, 0.05, 0.4), _u(g, n, 0.05, 0.4), _u(g, n, 0, math.pi)
+        )
         a.mul_(_u(g, n, 0.3, 1.0).view(-1, 1, 1))
         cv.paint(a, torch.rand(n, 3, generator=g))
 
@@ -140,17 +147,28 @@ def _render_gaze(lab: torch.Tensor, size: int, g: torch.Generator) -> torch.Tens
         cv.paint(cv.ellipse(cx, by, eax * 1.1, 0.028 * s, side * tilt), brow_c)
     cv.paint(cv.ellipse(fx, fy + 0.16 * s, 0.05 * s, 0.09 * s), skin * 0.8)  # nose
     lips = torch.stack([_u(g, n, 0.5, 0.8), _u(g, n, 0.15, 0.35), _u(g, n, 0.2, 0.35)], 1)
-    cv.paint(cv.ellipse(fx, fy + _u(g, n, 0.38, 0.46) * s, _u(g, n, 0.14, 0.22) * s, _u(g, n, 0.03, 0.07) * s), lips)
+    cv.paint(
+        cv.ellipse(fx, fy + _u(g, n, 0.38, 0.46) * s, _u(g, n, 0.14, 0.22) * s, _u(g, n, 0.03, 0.07) * s),
+        lips,
+    )
     return _finish(cv, g)
 
 
 # Head template (x right, y up, z towards the camera; head radius about 1).
 _TEMPLATE = {
-    "eye_l": (-0.33, 0.2, 0.8), "eye_r": (0.33, 0.2, 0.8),
-    "brow_l": (-0.34, 0.42, 0.78), "brow_r": (0.34, 0.42, 0.78),
-    "nose": (0.0, -0.08, 1.08), "mouth_l": (-0.26, -0.42, 0.78), "mouth_r": (0.26, -0.42, 0.78),
-    "mouth_c": (0.0, -0.42, 0.86), "chin": (0.0, -0.82, 0.62), "ear_l": (-0.95, 0.05, 0.0),
-    "ear_r": (0.95, 0.05, 0.0), "front": (0.0, 0.0, 0.55), "crown": (0.0, 0.6, -0.3),
+    "eye_l": (-0.33, 0.2, 0.8),
+    "eye_r": (0.33, 0.2, 0.8),
+    "brow_l": (-0.34, 0.42, 0.78),
+    "brow_r": (0.34, 0.42, 0.78),
+    "nose": (0.0, -0.08, 1.08),
+    "mouth_l": (-0.26, -0.42, 0.78),
+    "mouth_r": (0.26, -0.42, 0.78),
+    "mouth_c": (0.0, -0.42, 0.86),
+    "chin": (0.0, -0.82, 0.62),
+    "ear_l": (-0.95, 0.05, 0.0),
+    "ear_r": (0.95, 0.05, 0.0),
+    "front": (0.0, 0.0, 0.55),
+    "crown": (0.0, 0.6, -0.3),
 }
 _KEYS = list(_TEMPLATE)
 
@@ -203,7 +221,9 @@ def _render_headpose(lab: torch.Tensor, size: int, g: torch.Generator) -> torch.
     for ear in ("ear_l", "ear_r"):
         ex, ey, ev = at(ear)
         side_vis = torch.sigmoid(((rp[:, k[ear], 2]) + 0.25) * 8.0)  # ears show until they turn well away
-        a = cv.ellipse(ex, ey, 0.12 * s * (0.3 + 0.7 * (1 - ev)), 0.2 * s, img_roll).mul_(side_vis.view(-1, 1, 1))
+        a = cv.ellipse(ex, ey, 0.12 * s * (0.3 + 0.7 * (1 - ev)), 0.2 * s, img_roll).mul_(
+            side_vis.view(-1, 1, 1)
+        )
         cv.paint(a, skin * 0.75)
     fore_x, fore_y = torch.cos(yaw).abs(), torch.cos(pitch).abs()  # fore-shortening of frontal features
     white = (torch.tensor([0.95, 0.95, 0.92]) * _u(g, n, 0.8, 1.0).view(-1, 1)).clamp(0, 1)
@@ -215,7 +235,9 @@ def _render_headpose(lab: torch.Tensor, size: int, g: torch.Generator) -> torch.
         cv.paint(e, white)
         cv.paint(cv.ellipse(x, y_, 0.5 * eay * fore_x, 0.9 * eay * fore_y).mul_(e), pupil)
         bx, by, bv = at(brow)
-        cv.paint(cv.ellipse(bx, by, eax * 1.1 * fore_x, 0.03 * s, img_roll).mul_(bv.view(-1, 1, 1)), hair * 0.8)
+        cv.paint(
+            cv.ellipse(bx, by, eax * 1.1 * fore_x, 0.03 * s, img_roll).mul_(bv.view(-1, 1, 1)), hair * 0.8
+        )
     # Mouth: an ellipse spanning the two projected corners (its length and angle follow yaw and roll).
     lx, ly, lv = at("mouth_l")
     rx_, ry_, rv = at("mouth_r")
@@ -228,7 +250,9 @@ def _render_headpose(lab: torch.Tensor, size: int, g: torch.Generator) -> torch.
     nx, ny, nv = at("nose")
     cv.paint(cv.ellipse(nx, ny, 0.075 * s, 0.085 * s).mul_(nv.view(-1, 1, 1)), skin * 0.72)
     chx, chy, chv = at("chin")
-    cv.paint(cv.ellipse(chx, chy, 0.14 * s * fore_x, 0.05 * s, img_roll).mul_(chv.view(-1, 1, 1) * 0.6), skin * 0.8)
+    cv.paint(
+        cv.ellipse(chx, chy, 0.14 * s * fore_x, 0.05 * s, img_roll).mul_(chv.view(-1, 1, 1) * 0.6), skin * 0.8
+    )
     return _finish(cv, g)
 
 
@@ -267,7 +291,9 @@ def make_dataset(
     if not (16 <= int(size) <= 512):
         raise ConfigError(f"size must be in 16..512 pixels, got {size}")
     g = torch.Generator().manual_seed(int(seed))
-    drawn = sample_labels(task, int(n), g)  # always drawn, so the rest of the stream does not depend on labels
+    drawn = sample_labels(
+        task, int(n), g
+    )  # always drawn, so the rest of the stream does not depend on labels
     if labels is None:
         labels_t = drawn
     else:

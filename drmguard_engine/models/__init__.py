@@ -62,7 +62,12 @@ def build_model(
         torch.manual_seed(int(seed))
         backbone = _ARCHS[key](float(width))
         model = RegressionNet(
-            backbone, backbone.out_dim, task, arch=key, input_size=int(input_size), width=float(width)  # type: ignore[arg-type]
+            backbone,
+            backbone.out_dim,
+            task,
+            arch=key,
+            input_size=int(input_size),
+            width=float(width),  # type: ignore[arg-type]
         )
     return model
 

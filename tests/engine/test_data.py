@@ -106,7 +106,10 @@ def test_mpiifacegaze_loader(tmp_path) -> None:
     head = "0 0 0 0 0 600"
     gt1 = f"{-d * math.tan(math.radians(10)):.6f} 0 0"  # target to the camera's left: yaw +10
     gt2 = f"0 {-d * math.tan(math.radians(5)):.6f} 0"  # target above: pitch +5
-    lines = [f"day01/0001.jpg 10 20 {lm} {head} 0 0 {d} {gt1} left", f"day01/0002.jpg 10 20 {lm} {head} 0 0 {d} {gt2} right"]
+    lines = [
+        f"day01/0001.jpg 10 20 {lm} {head} 0 0 {d} {gt1} left",
+        f"day01/0002.jpg 10 20 {lm} {head} 0 0 {d} {gt2} right",
+    ]
     (tmp_path / "p00/p00.txt").write_text("\n".join(lines) + "\n")
     x, y = real.load_mpiifacegaze(tmp_path, size=16)
     assert x.shape == (2, 3, 16, 16) and x.dtype == np.uint8
@@ -132,7 +135,10 @@ def test_columbiagaze_loader(tmp_path) -> None:
 
 def test_biwi_loader(tmp_path) -> None:
     t = math.radians(20)
-    rots = {"00003": np.eye(3), "00004": np.array([[math.cos(t), 0, math.sin(t)], [0, 1, 0], [-math.sin(t), 0, math.cos(t)]])}
+    rots = {
+        "00003": np.eye(3),
+        "00004": np.array([[math.cos(t), 0, math.sin(t)], [0, 1, 0], [-math.sin(t), 0, math.cos(t)]]),
+    }
     for frame, rot in rots.items():
         _write(tmp_path / f"01/frame_{frame}_rgb.png")
         text = "\n".join(" ".join(f"{v:.6f}" for v in row) + " " for row in rot) + "\n\n12.1 -3.4 900.2 \n"
@@ -140,7 +146,9 @@ def test_biwi_loader(tmp_path) -> None:
     x, y = real.load_biwi(tmp_path, size=16)
     assert x.shape == (2, 3, 16, 16)
     np.testing.assert_allclose(y, [[0, 0, 0], [20, 0, 0]], atol=1e-4)
-    ypr = real.biwi_angles(np.array([[math.cos(t), -math.sin(t), 0], [math.sin(t), math.cos(t), 0], [0, 0, 1]]))
+    ypr = real.biwi_angles(
+        np.array([[math.cos(t), -math.sin(t), 0], [math.sin(t), math.cos(t), 0], [0, 0, 1]])
+    )
     np.testing.assert_allclose(ypr, (0, 0, 20), atol=1e-4)
 
 

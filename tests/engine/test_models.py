@@ -12,8 +12,22 @@ from drmguard_engine.models import RegressionNet, build_model, list_archs
 
 # Standard ONNX ops the models may use (the serving side keeps an allow-list of this kind).
 ALLOWED_OPS = {
-    "Conv", "BatchNormalization", "Relu", "MaxPool", "GlobalAveragePool", "ReduceMean", "Flatten", "Gemm",
-    "Add", "Sub", "Mul", "Div", "Clip", "Constant", "Reshape", "Identity",
+    "Conv",
+    "BatchNormalization",
+    "Relu",
+    "MaxPool",
+    "GlobalAveragePool",
+    "ReduceMean",
+    "Flatten",
+    "Gemm",
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Clip",
+    "Constant",
+    "Reshape",
+    "Identity",
 }
 
 
@@ -56,7 +70,9 @@ def test_seed_is_deterministic_and_leaves_global_rng_alone() -> None:
     assert torch.equal(before, after)
     b = build_model("tiny", "gaze", seed=5)
     c = build_model("tiny", "gaze", seed=6)
-    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert all(
+        torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
     assert not torch.equal(a.head.weight, c.head.weight)
 
 
@@ -64,7 +80,9 @@ def test_normalisation_is_inside_the_model() -> None:
     model = build_model("tiny", "gaze")
     x = torch.full((1, 3, 16, 16), 0.5)
     z = model.normalize(x)
-    assert torch.allclose(z[0, :, 0, 0], (0.5 - model.normalize.mean.flatten()) / model.normalize.std.flatten())
+    assert torch.allclose(
+        z[0, :, 0, 0], (0.5 - model.normalize.mean.flatten()) / model.normalize.std.flatten()
+    )
 
 
 @pytest.mark.parametrize("bad", [dict(arch="vgg"), dict(width=0), dict(input_size=16)])
@@ -81,7 +99,13 @@ def test_onnx_export_uses_standard_ops_and_matches(arch: str) -> None:
     x = torch.rand(2, 3, 32, 32)
     buf = io.BytesIO()
     torch.onnx.export(
-        model, (x,), buf, dynamo=False, input_names=["input"], output_names=["output"], opset_version=17,
+        model,
+        (x,),
+        buf,
+        dynamo=False,
+        input_names=["input"],
+        output_names=["output"],
+        opset_version=17,
         dynamic_axes={"input": {0: "n"}, "output": {0: "n"}},
     )
     proto = onnx.load_from_string(buf.getvalue())
