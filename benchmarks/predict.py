@@ -102,7 +102,7 @@ def measure(call: Callable[[], Any], *, clients: int, seconds: float, warmup: in
     )
 
 
-def build_model(work: Path, *, size: int, width: float, steps: int, seed: int) -> tuple[Path, Path, np.ndarray]:
+def build_model(work: Path, *, arch: str, size: int, width: float, steps: int, seed: int) -> tuple[Path, Path, np.ndarray]:
     """A briefly trained gaze ResNet18 (ONNX), its benign set, and test images (uint8)."""
     from drmguard_engine.data.benign import save_benign_npz
     from drmguard_engine.data.synthetic import make_dataset
@@ -113,7 +113,7 @@ def build_model(work: Path, *, size: int, width: float, steps: int, seed: int) -
     x, y = make_dataset("gaze", 1600 + 300 + 64, size=size, seed=seed)
     benign = work / f"benign-{seed}.npz"
     save_benign_npz(benign, x[1600:1900], y[1600:1900])
-    model = build("resnet18", "gaze", input_size=size, width=width, seed=seed)
+    model = build(arch, "gaze", input_size=size, width=width, seed=seed)
     train(model, x[:1600], y[:1600], task="gaze", steps=steps, seed=seed)
     path = work / f"model-{seed}.onnx"
     export_onnx(model.cpu().eval(), path, input_shape=(3, size, size))
@@ -154,6 +154,7 @@ def table(rows: list[Result]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--server", default=None, help="HOST:PORT of a running server (default: start one)")
+    ap.add_argument("--arch", default="resnet18", help="engine architecture (default resnet18)")
     ap.add_argument("--size", type=int, default=64, help="input side in pixels (default 64)")
     ap.add_argument("--width", type=float, default=0.5, help="ResNet18 width multiplier (default 0.5)")
     ap.add_argument("--train-steps", type=int, default=300)
@@ -172,8 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="drmguard-bench-"))
     server = None
     try:
-        print(f"building the benchmark model (ResNet18 x{args.width}, {args.size} px) ...", file=sys.stderr)
-        model, benign, test_x = build_model(work, size=args.size, width=args.width, steps=args.train_steps, seed=0)
+        print(f"building the benchmark model ({args.arch} x{args.width}, {args.size} px) ...", file=sys.stderr)
+        model, benign, test_x = build_model(work, arch=args.arch, size=args.size, width=args.width,
+                                            steps=args.train_steps, seed=0)
         if args.server is None:
             from guard_server.demo import ServerProcess
 
@@ -219,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         during: dict[str, Any] = {}
         if not args.skip_scan:
             # A second, different model starts a scan; Predict at batch 1 is measured before and during it.
-            model2, benign2, _ = build_model(work, size=args.size, width=args.width, steps=50, seed=1)
+            model2, benign2, _ = build_model(work, arch=args.arch, size=args.size, width=args.width,
+                                                   steps=args.train_steps, seed=1)
             with GuardClient(address, timeout=60) as c:
                 idle = measure(lambda: None, clients=1, seconds=args.seconds, warmup=20, target="predict",
                                batch=1, setup=lambda: (lambda cl=c: cl.predict(MODEL_NAME, batches[1],
@@ -242,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nload average before/after: {load_before[0]:.1f} / {load[0]:.1f} (1 min), "
               f"{os.cpu_count()} CPUs")
         print(f"\n## Predict vs bare ONNX Runtime ({platform.processor() or platform.machine()}, "
-              f"ResNet18 x{args.width}, {args.size}x{args.size}, {args.seconds:.0f} s per row)\n")
+              f"{args.arch} x{args.width}, {args.size}x{args.size}, {args.seconds:.0f} s per row)\n")
         print(table(results))
         print(f"\nmax |Predict - ORT| on a batch of 32: {diff:.2e}; first scan took {scan_s:.0f} s")
         if during:

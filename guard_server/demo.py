@@ -118,11 +118,14 @@ class ServerProcess:
 
 
 def make_models(
-    work: Path, *, task: str, size: int, width: float, steps: int, n_train: int, n_benign: int, seed: int
+    work: Path, *, task: str, size: int, width: float, steps: int, n_train: int, n_benign: int, seed: int,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Trains the clean and the backdoored demo model; writes the ONNX files and the benign set."""
     import torch
 
+    if threads > 0:
+        torch.set_num_threads(threads)
     from drmguard_engine.attacks import get_attack
     from drmguard_engine.data.benign import save_benign_npz
     from drmguard_engine.data.synthetic import make_dataset
@@ -242,6 +245,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", default="default", help="scan profile (default: default)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for training the demo models (default 1: on a small, shared CPU one "
+                        "thread avoids OpenMP stalls when other processes compete; 0 = torch's default)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (models, data, log)")
     return p.parse_args(argv)
 
@@ -268,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                f"{args.size}x{args.size} px, {args.steps} steps each")
         models = make_models(
             work, task=task, size=args.size, width=args.width, steps=args.steps,
-            n_train=args.train_images, n_benign=args.benign_images, seed=args.seed,
+            n_train=args.train_images, n_benign=args.benign_images, seed=args.seed, threads=args.threads,
         )
         server.wait_serving(timeout=60)
         run_cli(server.address, "health", json_out=False)
