@@ -98,6 +98,9 @@ _INT_TYPES = {
 }
 
 
+_WIDE_INTS = {onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64}
+
+
 def _fail(node: onnx.NodeProto, what: str) -> UnsupportedModelError:
     label = f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node"
     return UnsupportedModelError(f"{label}: {what}")
@@ -105,13 +108,23 @@ def _fail(node: onnx.NodeProto, what: str) -> UnsupportedModelError:
 
 def tensor_from_proto(t: onnx.TensorProto) -> torch.Tensor:
     """An initializer or Constant value as a torch tensor (float types become float32)."""
-    arr = numpy_helper.to_array(t)
-    if arr.dtype.kind == "f" or t.data_type in _FLOAT_TYPES:
-        arr = arr.astype(np.float32)
-    elif arr.dtype == np.uint64 or arr.dtype == np.uint32 or arr.dtype == np.uint16:
-        arr = arr.astype(np.int64)
-    # copy: numpy_helper may return a read-only view of the protobuf bytes.
-    return torch.from_numpy(np.array(arr, copy=True))
+    if t.data_type not in _FLOAT_TYPES and t.data_type not in _INT_TYPES and t.data_type not in _WIDE_INTS:
+        name = (
+            onnx.TensorProto.DataType.Name(t.data_type)
+            if t.data_type in onnx.TensorProto.DataType.values()
+            else t.data_type
+        )
+        raise UnsupportedModelError(f"tensor {t.name!r} has the unsupported element type {name}")
+    try:
+        arr = numpy_helper.to_array(t)
+        if t.data_type in _FLOAT_TYPES:
+            arr = arr.astype(np.float32)
+        elif t.data_type in _WIDE_INTS:
+            arr = arr.astype(np.int64)
+        # copy: numpy_helper may return a read-only view of the protobuf bytes.
+        return torch.from_numpy(np.array(arr, copy=True))
+    except (TypeError, ValueError) as e:
+        raise UnsupportedModelError(f"tensor {t.name!r} cannot be read: {e}") from None
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, Any]:

@@ -482,6 +482,15 @@ def test_huge_intermediate_tensor_is_refused_before_allocation():
         load_onnx_model(_graph_model(nodes, inits).SerializeToString())
 
 
+def test_string_initializer_is_refused():
+    rng = np.random.default_rng(10)
+    inits = _conv_gap_inits(rng) | {"W": rng.standard_normal((2, 4)).astype(np.float32)}
+    model = _graph_model(_features_nodes() + [helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)], inits)
+    model.graph.initializer.append(helper.make_tensor("junk", TensorProto.STRING, [1], [b"x"]))
+    with pytest.raises(UnsupportedModelError, match="unsupported element type STRING"):
+        load_onnx_model(model.SerializeToString())
+
+
 def test_missing_file_is_refused(tmp_path: Path):
     with pytest.raises(UnsupportedModelError, match="cannot read"):
         load_onnx_model(tmp_path / "nope.onnx")
