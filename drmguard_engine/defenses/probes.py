@@ -42,6 +42,8 @@ class ProbeConfig:
     lr: float = 0.05
     blend_alpha: float = 0.25
     patch_area: float = 0.02
+    patch_start_area: float = 0.5
+    patch_anneal: float = 0.6  # fraction of the steps over which the area budget shrinks to patch_area
     warp_grid: int = 8
     warp_fraction: float = 2.0 / 64.0
     additive_linf: float = 0.1
@@ -102,13 +104,16 @@ class _Probe(nn.Module):
         super().__init__()
         c, h, w = shape
         self.family, self.cfg = family, cfg
+        # the patch budget is annealed from a large area down to ``patch_area`` (as Neural Cleanse shrinks its
+        # mask from the whole image): a mask born at 2% of the area has almost no gradient telling it where to go
+        self.area_budget = cfg.patch_area
         self.register_buffer("exclude", exclude if exclude is not None else torch.zeros(1, 1, h, w))
         if family in ("blend", "patch"):
             self.pattern = nn.Parameter(torch.zeros(1, c, h, w))
         if family == "blend":
             self.alpha = nn.Parameter(torch.zeros(()))
         if family == "patch":
-            self.mask = nn.Parameter(torch.full((1, 1, h, w), -3.0))
+            self.mask = nn.Parameter(torch.zeros((1, 1, h, w)))
         if family == "additive":
             self.delta = nn.Parameter(torch.zeros(1, c, h, w))
         if family == "warp":
@@ -119,7 +124,7 @@ class _Probe(nn.Module):
     def patch_mask(self) -> torch.Tensor:
         m = torch.sigmoid(self.mask)
         area = m.mean()
-        return m * torch.clamp(self.cfg.patch_area / (area + 1e-12), max=1.0)  # hard budget
+        return m * torch.clamp(self.area_budget / (area + 1e-12), max=1.0)  # hard budget
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.family == "warp":
@@ -176,9 +181,13 @@ def run_probes(
         probe = probe.to(images.device)
         opt = torch.optim.Adam(probe.parameters(), lr=cfg.lr)
         bs = min(cfg.batch_size, fit.shape[0])
+        anneal = max(1, int(cfg.steps * cfg.patch_anneal))
         for step in range(cfg.steps):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("scan cancelled")
+            if family == "patch":
+                frac = min(1.0, step / anneal)
+                probe.area_budget = cfg.patch_area * (cfg.patch_start_area / cfg.patch_area) ** (1.0 - frac)
             idx = torch.randperm(fit.shape[0], generator=gen)[:bs].to(images.device)
             out = model(probe(fit[idx]))
             loss = (out.var(0, unbiased=False) / var_fit).mean()
@@ -188,6 +197,7 @@ def run_probes(
             done += 1
             if progress is not None and (step % 25 == 0 or step == cfg.steps - 1):
                 progress("probe", done, total, {f"probe_{family}": float(loss)}, None)
+        probe.area_budget = cfg.patch_area
         with torch.no_grad():
             xp_fit = torch.cat([probe(fit[i : i + 256]) for i in range(0, fit.shape[0], 256)])
             fit_ratio = float((torch.cat([model(xp_fit[i : i + 256]) for i in range(0, xp_fit.shape[0], 256)])
