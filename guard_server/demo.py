@@ -149,9 +149,9 @@ def make_models(
 
         def progress(p: Any, kind: str = kind, t0: float = t0) -> None:
             now = time.monotonic()
-            if now - last[0] >= 2.0 or p.step + 1 >= p.total:
+            if now - last[0] >= 2.0 or p.step >= p.total:
                 last[0] = now
-                sys.stderr.write(f"\r  training {kind:<10} step {p.step + 1}/{p.total} loss {p.loss:.3f} "
+                sys.stderr.write(f"\r  training {kind:<10} step {p.step}/{p.total} loss {p.loss:.3f} "
                                  f"({now - t0:.0f} s)   ")
                 sys.stderr.flush()
 

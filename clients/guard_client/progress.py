@@ -13,8 +13,8 @@ _BAR = 24
 
 def _fmt_losses(losses: dict[str, float]) -> str:
     # The total first (if the engine reports one), then the terms in a stable order.
-    keys = sorted(losses, key=lambda k: (k != "total", k))
-    return " ".join(f"{k} {losses[k]:.4g}" for k in keys[:4])
+    keys = sorted(losses, key=lambda k: (k not in ("total", "loss"), k))
+    return " ".join(f"{k}={losses[k]:.4g}" for k in keys[:4])
 
 
 class ProgressLine:
@@ -45,7 +45,7 @@ class ProgressLine:
         elif ev.step:
             parts.append(f"step {ev.step}")
         if ev.losses:
-            parts.append("loss " + _fmt_losses(ev.losses))
+            parts.append("losses " + _fmt_losses(ev.losses))
         if ev.perturbation_ratio is not None:
             parts.append(f"ratio {ev.perturbation_ratio:.4f}")
         if ev.verdict:

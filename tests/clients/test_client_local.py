@@ -125,7 +125,7 @@ def test_progress_line_plain_output() -> None:
     bar.close()
     lines = buf.getvalue().splitlines()
     assert lines[0] == "[QUEUED]"
-    assert "reverse" in lines[1] and "5/10" in lines[1] and "loss total 1.5 l1 0.25" in lines[1]
+    assert "reverse" in lines[1] and "5/10" in lines[1] and "losses total=1.5 l1=0.25" in lines[1]
     assert "ratio 0.0123" in lines[1]
     assert lines[2].startswith("[ADMITTED]") and "verdict benign" in lines[2]
 
