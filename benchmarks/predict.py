@@ -104,6 +104,9 @@ def measure(call: Callable[[], Any], *, clients: int, seconds: float, warmup: in
 
 def build_model(work: Path, *, arch: str, size: int, width: float, steps: int, seed: int) -> tuple[Path, Path, np.ndarray]:
     """A briefly trained gaze ResNet18 (ONNX), its benign set, and test images (uint8)."""
+    import torch
+
+    torch.set_num_threads(1)  # building the model is set-up, not measured; one thread avoids OpenMP stalls
     from drmguard_engine.data.benign import save_benign_npz
     from drmguard_engine.data.synthetic import make_dataset
     from drmguard_engine.models import build_model as build
@@ -179,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.server is None:
             from guard_server.demo import ServerProcess
 
-            server = ServerProcess(work / "data", device="cpu")
+            server = ServerProcess(work / "data", device="cpu", extra=("--scan-threads", "1"))
             server.wait_serving(timeout=90)
             address = server.address
         else:

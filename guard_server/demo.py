@@ -182,7 +182,8 @@ def _gaze_error(pred: np.ndarray, target: np.ndarray, task: str) -> float:
 
     from drmguard_engine.tasks import regression_error
 
-    return float(regression_error(task, torch.from_numpy(pred), torch.from_numpy(np.asarray(target, np.float32))))
+    return float(regression_error(task, torch.from_numpy(np.ascontiguousarray(pred, np.float32)),
+                                  torch.from_numpy(np.ascontiguousarray(target, np.float32))))
 
 
 def show_predictions(address: str, models: dict[str, Any], outcomes: dict[str, dict[str, Any]], task: str) -> None:
@@ -246,8 +247,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for training the demo models (default 1: on a small, shared CPU one "
-                        "thread avoids OpenMP stalls when other processes compete; 0 = torch's default)")
+                   help="torch threads for training the demo models and for each scan (the server's "
+                        "--scan-threads); default 1: on a small, shared CPU one thread avoids OpenMP stalls when "
+                        "other processes compete; 0 = torch's default")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (models, data, log)")
     return p.parse_args(argv)
 
@@ -266,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     server: ServerProcess | None = None
     try:
         _title("1. starting drmguard-server (CPU, temporary data directory)")
-        server = ServerProcess(work / "data", device=args.device)
+        server = ServerProcess(work / "data", device=args.device,
+                               extra=("--scan-threads", str(args.threads)) if args.threads > 0 else ())
         _say(f"  listening on {server.address}, metrics on :{server.metrics_port}, log {server.log_path}")
 
         # Train while the server starts: both are slow to import, and the CPU is the bottleneck anyway.
