@@ -19,7 +19,7 @@ benign RE of the same task and arch (the model is still useful).
 
 Usage::
 
-    .venv/bin/python benchmarks/zoo.py --quick --out /tmp/zoo-quick       # 1 model per kind, few steps
+    .venv/bin/python benchmarks/zoo.py --quick --out /tmp/zoo-quick       # pipeline check, a few minutes
     nice -n 10 .venv/bin/python benchmarks/zoo.py --out .bench/zoo         # the full zoo (about 1 h on 2 cores)
 """
 
@@ -249,7 +249,7 @@ def table10(entries: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / ".bench" / "zoo")
-    p.add_argument("--tasks", nargs="+", default=["gaze", "headpose"])
+    p.add_argument("--tasks", nargs="+", default=None, help="default: gaze headpose (--quick: gaze)")
     p.add_argument("--attacks", nargs="+", default=DEFAULT_ATTACKS)
     p.add_argument("--archs", nargs="+", default=["resnet18"])
     p.add_argument("--widths", nargs="+", type=float, default=[0.25])
@@ -262,7 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="ATTACK.OPTION=JSON",
                    help="attack option override, e.g. --set wanet.strength=3 (repeatable)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on 2 shared cores)")
-    p.add_argument("--quick", action="store_true", help="tiny: 1 model per kind, 300 steps, 1500 images")
+    p.add_argument("--quick", action="store_true",
+                   help="pipeline check in minutes: gaze only, 1 model per kind, 150 steps, 800 images (no implant "
+                        "is expected at this budget)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     opts: dict[str, dict[str, Any]] = {}
@@ -275,9 +277,11 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--set {item!r}: use ATTACK.OPTION=JSON, e.g. wanet.strength=3")
     s = ZooSettings(attack_options=opts)
     if a.quick:
-        s = ZooSettings(n_train=1500, n_test=200, steps=300, milestones=(250,), surrogate_steps=100,
+        s = ZooSettings(n_train=800, n_test=100, steps=150, milestones=(120,), surrogate_steps=50,
                         attack_options=opts)
         a.count, a.benign_count = 1, 1
+    if a.tasks is None:
+        a.tasks = ["gaze"] if a.quick else ["gaze", "headpose"]
     if a.steps or a.n_train or a.n_test:
         steps = a.steps or s.steps
         s = ZooSettings(

@@ -362,3 +362,27 @@ def test_badnets_implants_on_a_tiny_model():
     clean_to_target = evaluate(model, test_x, np.tile(attack.target.numpy(), (200, 1)), "gaze")["re"]
     assert m["ae"] < 0.5 * clean_to_target
     assert m["ae"] < m["dae"]
+
+
+@pytest.mark.parametrize("name", BASE_ATTACKS)
+def test_every_attack_runs_through_the_trainer(name):
+    """The training contract end to end: fit/bind hooks, aux loss, the attack's own optimizer, evaluate."""
+    from drmguard_engine.models import build_model
+    from drmguard_engine.training import evaluate, train
+
+    images = (_images(96) * 255).to(torch.uint8).numpy()
+    a = get_attack(name, task="gaze", image_shape=SHAPE, seed=0,
+                   **({"channels": 4, "steps": 2, "mask_steps": 2} if name == "input_aware" else {}),
+                   **({"pgd_steps": 2, "group_fraction": 0.2} if name == "clean_label" else {}))
+    labels = _grouped_labels(96, a).numpy()
+    model = build_model("tiny", "gaze", input_size=16, seed=0)
+    if a.requires_fit:
+        a.fit(build_model("tiny", "gaze", input_size=16, seed=1), images, labels)
+    if a.requires_model:
+        a.bind(model)
+    before = [p.detach().clone() for p in a.optimizer_params()]
+    train(model, images, labels, task="gaze", steps=6, lr=1e-3, batch_size=32, attack=a, seed=0)
+    if before:  # the trainer stepped the attack's own parameters
+        assert any(not torch.equal(b, p) for b, p in zip(before, a.optimizer_params(), strict=True))
+    m = evaluate(model, images[:32], labels[:32], "gaze", attack=a)
+    assert all(math.isfinite(m[k]) for k in ("re", "ae", "dae"))
