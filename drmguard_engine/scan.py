@@ -60,6 +60,7 @@ class ScanConfig:
     decision: str  # "epsilon" (paper) or "combined"
     # combined decision: suspicion = max(epsilon_dg / ratio_dg, probe_threshold / min probe variance ratio)
     probe_threshold: float = 0.05
+    collapse_threshold: float = 0.1
     reference_margin: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,8 +102,10 @@ def list_profiles() -> list[str]:
 def get_profile(name: str, task: Task | str, **overrides: Any) -> ScanConfig:
     """Builds a profile's config for a task; ``overrides`` replace DRMGuard options (ablation switches)."""
     task = Task.parse(task)
-    probe_over = {k[len("probe_"):]: v for k, v in overrides.items() if k.startswith("probe_")}
-    dg_over = {k: v for k, v in overrides.items() if not k.startswith("probe_") and k != "probe_threshold"}
+    probe_over = {k[len("probe_"):]: v for k, v in overrides.items()
+                  if k.startswith("probe_") and k != "probe_threshold"}
+    dg_over = {k: v for k, v in overrides.items()
+               if not k.startswith("probe_") and k not in ("probe_threshold", "collapse_threshold")}
     if name == "paper":
         cfg = ScanConfig("paper", _paper_drmguard(task), None, "epsilon")
     elif name in ("default", "reference"):
@@ -114,7 +117,9 @@ def get_profile(name: str, task: Task | str, **overrides: Any) -> ScanConfig:
     dg = cfg.drmguard.replace(**dg_over) if dg_over else cfg.drmguard
     pr = cfg.probes.replace(**probe_over) if (cfg.probes is not None and probe_over) else cfg.probes
     thr = overrides.get("probe_threshold", cfg.probe_threshold)
-    return ScanConfig(cfg.profile, dg, pr, cfg.decision, probe_threshold=thr, reference_margin=cfg.reference_margin)
+    return ScanConfig(cfg.profile, dg, pr, cfg.decision, probe_threshold=thr,
+                      collapse_threshold=overrides.get("collapse_threshold", cfg.collapse_threshold),
+                      reference_margin=cfg.reference_margin)
 
 
 @dataclass
@@ -185,15 +190,25 @@ def _decide_default(cfg: ScanConfig, rev: ReverseResult, probes: Sequence[ProbeR
                     refs: Sequence[dict[str, float]] = ()) -> tuple[float, float, str]:
     """Combined decision: suspicion = max of two scale-free ratios, backdoored iff >= 1.
 
-    * DRMGuard term: epsilon / perturbation ratio of the reversed input-aware trigger (catches input-aware triggers
-      whose reversed perturbation is small);
+    * DRMGuard term: epsilon / perturbation ratio of the reversed input-aware trigger, counted only when the
+      reversed trigger really collapsed the outputs (output variance ratio <= collapse_threshold);
     * probe term: probe_threshold / min over probe families of the held-out output-variance ratio (catches
       universal triggers, whatever their L1 size, within the probe budgets).
     With reference models, probe_threshold becomes reference_margin x the smallest reference probe ratio.
     """
     eps = cfg.drmguard.epsilon
-    s_dg = eps / max(rev.perturbation_ratio, 1e-9)
-    parts = [(s_dg, f"DRMGuard perturbation ratio {rev.perturbation_ratio:.4f} vs epsilon {eps:g}")]
+    if rev.output_variance_ratio <= cfg.collapse_threshold:
+        s_dg = eps / max(rev.perturbation_ratio, 1e-9)
+        dg_why = (f"DRMGuard perturbation ratio {rev.perturbation_ratio:.4f} vs epsilon {eps:g} "
+                  f"(outputs collapsed to {rev.output_variance_ratio:.3f} of their variance)")
+    else:
+        # the reverse engineering did not collapse the outputs: a small perturbation that reaches no target is
+        # no evidence of a trigger, so the epsilon rule does not vote (it would flag a model whose generator
+        # merely failed to move)
+        s_dg = 0.0
+        dg_why = (f"DRMGuard reverse engineering did not collapse the outputs (variance ratio "
+                  f"{rev.output_variance_ratio:.3f} > {cfg.collapse_threshold:g})")
+    parts = [(s_dg, dg_why)]
     if probes:
         best = min(probes, key=lambda p: p.variance_ratio)
         thr = cfg.probe_threshold

@@ -58,6 +58,7 @@ class DRMGuardConfig:
     lr: float = 1.5e-3
     lambda1: float = 20.0
     lambda2: float = 800.0
+    l1_weight: float = 1.0  # weight of the L1 term of equation 5 (1 in the paper)
     output_scale: float = math.pi / 180.0
     variance_term: Literal["absolute", "relative"] = "absolute"
     use_fsrt: bool = True
@@ -161,7 +162,8 @@ def equation5(
 
     ``variance`` = (1/d) sum_j Var_i[f_j(x')] in ``output_scale`` units (or divided by the benign output variance
     with ``variance_term="relative"``); ``l1`` = mean |x'-x| per element; ``rf`` = (1/d) sum_j
-    Var_i[angle(F(x'_i), w_j)] / (Var_i[angle(F(x_i), w_j)] + 1e-8); ``loss`` = lambda1*variance + l1 + lambda2*rf.
+    Var_i[angle(F(x'_i), w_j)] / (Var_i[angle(F(x_i), w_j)] + 1e-8); ``loss`` = lambda1*variance +
+    l1_weight*l1 + lambda2*rf (l1_weight = 1 in the paper).
     """
     var = out.var(0, unbiased=False)
     if cfg.variance_term == "relative":
@@ -171,7 +173,7 @@ def equation5(
     else:
         var_term = var.mean() * cfg.output_scale**2
     l1 = (poisoned - images).abs().mean()
-    loss = cfg.lambda1 * var_term + l1
+    loss = cfg.lambda1 * var_term + cfg.l1_weight * l1
     rf = torch.zeros((), device=out.device)
     if cfg.use_fsrt:
         ang_p = feature_angles(feats, head_weight)
