@@ -40,7 +40,7 @@ from drmguard_engine.data.benign import BenignSet  # noqa: E402
 from drmguard_engine.data.synthetic import make_dataset  # noqa: E402
 from drmguard_engine.metrics import roc_auc  # noqa: E402
 from drmguard_engine.onnx_io import load_onnx_model  # noqa: E402
-from drmguard_engine.scan import get_profile, scan  # noqa: E402
+from drmguard_engine.scan import decide, get_profile, scan  # noqa: E402
 from drmguard_engine.tasks import Task, per_sample_error  # noqa: E402
 
 
@@ -101,6 +101,11 @@ def run(zoo: Path, out: Path, profiles: list[str], overrides: dict[str, Any], ta
                 tmp = cpath.with_suffix(".tmp")
                 tmp.write_text(json.dumps(rep, default=float))
                 os.replace(tmp, cpath)
+            # re-decide with the current rule (cached statistics, current thresholds)
+            cfg = get_profile(profile, e["task"], **overrides)
+            rep["score"], rep["score_threshold"], rep["decision"] = decide(
+                cfg, rep["perturbation_ratio"], rep.get("output_variance_ratio", 1.0), rep.get("probes", []))
+            rep["verdict"] = "backdoored" if rep["score"] >= rep["score_threshold"] else "benign"
             m = e.get("metrics", {})
             row = {
                 "task": e["task"], "kind": e["kind"], "arch": e["arch"], "width": e["width"], "seed": e["seed"],

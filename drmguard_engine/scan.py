@@ -186,38 +186,48 @@ def _check_model(model: nn.Module, task: Task, benign: BenignSet) -> None:
         raise DataError(f"the benign set needs at least 4 images, got {len(benign)}")
 
 
-def _decide_default(cfg: ScanConfig, rev: ReverseResult, probes: Sequence[ProbeResult],
-                    refs: Sequence[dict[str, float]] = ()) -> tuple[float, float, str]:
-    """Combined decision: suspicion = max of two scale-free ratios, backdoored iff >= 1.
+def decide(cfg: ScanConfig, perturbation_ratio: float, output_variance_ratio: float,
+           probes: Sequence[dict[str, Any]] = (), refs: Sequence[dict[str, float]] = ()) -> tuple[float, float, str]:
+    """The profile's decision from a scan's statistics: ``(score, score_threshold, why)``; backdoored iff
+    ``score >= score_threshold``. Public so that benchmarks can re-decide cached scans with the current rule.
+
+    ``paper``: score = epsilon / perturbation ratio (the paper's rule, ratio < epsilon).
+
+    ``combined`` (default): suspicion = max of two scale-free ratios, backdoored iff >= 1:
 
     * DRMGuard term: epsilon / perturbation ratio of the reversed input-aware trigger, counted only when the
       reversed trigger really collapsed the outputs (output variance ratio <= collapse_threshold);
     * probe term: probe_threshold / min over probe families of the held-out output-variance ratio (catches
       universal triggers, whatever their L1 size, within the probe budgets).
+
     With reference models, probe_threshold becomes reference_margin x the smallest reference probe ratio.
     """
     eps = cfg.drmguard.epsilon
-    if rev.output_variance_ratio <= cfg.collapse_threshold:
-        s_dg = eps / max(rev.perturbation_ratio, 1e-9)
-        dg_why = (f"DRMGuard perturbation ratio {rev.perturbation_ratio:.4f} vs epsilon {eps:g} "
-                  f"(outputs collapsed to {rev.output_variance_ratio:.3f} of their variance)")
+    if cfg.decision == "epsilon":
+        score = eps / max(perturbation_ratio, 1e-9)
+        return score, 1.0, (f"paper rule: perturbation ratio {perturbation_ratio:.4f} "
+                            f"{'<' if score >= 1 else '>='} epsilon {eps:g}")
+    if output_variance_ratio <= cfg.collapse_threshold:
+        s_dg = eps / max(perturbation_ratio, 1e-9)
+        dg_why = (f"DRMGuard perturbation ratio {perturbation_ratio:.4f} vs epsilon {eps:g} "
+                  f"(outputs collapsed to {output_variance_ratio:.3f} of their variance)")
     else:
         # the reverse engineering did not collapse the outputs: a small perturbation that reaches no target is
         # no evidence of a trigger, so the epsilon rule does not vote (it would flag a model whose generator
         # merely failed to move)
         s_dg = 0.0
         dg_why = (f"DRMGuard reverse engineering did not collapse the outputs (variance ratio "
-                  f"{rev.output_variance_ratio:.3f} > {cfg.collapse_threshold:g})")
+                  f"{output_variance_ratio:.3f} > {cfg.collapse_threshold:g})")
     parts = [(s_dg, dg_why)]
     if probes:
-        best = min(probes, key=lambda p: p.variance_ratio)
+        best = min(probes, key=lambda p: p["variance_ratio"])
         thr = cfg.probe_threshold
         src = "calibrated"
         if refs:
             thr = cfg.reference_margin * min(r["min_probe_ratio"] for r in refs)
             src = f"{len(refs)} reference model(s)"
-        parts.append((thr / max(best.variance_ratio, 1e-9),
-                      f"{best.family} probe variance ratio {best.variance_ratio:.4f} vs {thr:.4f} ({src})"))
+        parts.append((thr / max(best["variance_ratio"], 1e-9),
+                      f"{best['family']} probe variance ratio {best['variance_ratio']:.4f} vs {thr:.4f} ({src})"))
     score, why = max(parts, key=lambda p: p[0])
     return score, 1.0, why
 
@@ -280,13 +290,8 @@ def scan(
     finally:
         for p, r in zip(model.parameters(), req, strict=True):
             p.requires_grad_(r)
-    if cfg.decision == "epsilon":
-        score = cfg.drmguard.epsilon / max(rev.perturbation_ratio, 1e-9)
-        score_thr = 1.0
-        why = (f"paper rule: perturbation ratio {rev.perturbation_ratio:.4f} "
-               f"{'<' if score >= 1 else '>='} epsilon {cfg.drmguard.epsilon:g}")
-    else:
-        score, score_thr, why = _decide_default(cfg, rev, probes, refs)
+    score, score_thr, why = decide(cfg, rev.perturbation_ratio, rev.output_variance_ratio,
+                                   [_probe_dict(p) for p in probes], refs)
     verdict = BACKDOORED if score >= score_thr else BENIGN
     emit("decide", 1, 1, {"score": score}, rev.perturbation_ratio)
     timings = dict(rev.seconds)
@@ -501,6 +506,7 @@ __all__ = [
     "ScanConfig",
     "ScanProgress",
     "ScanReport",
+    "decide",
     "get_profile",
     "list_profiles",
     "mitigate",
