@@ -8,10 +8,11 @@ every alert expression is evaluated through ``/api/v1/query``: each parses, each
 data; every rule evaluates with health ``ok``; ``promtool check metrics`` passes on a live scrape; the
 backdoor alert fires; the container health check script answers SERVING.
 
-The backdoored model is the clean model with a planted BadNets-style trigger: a 2x2 checkerboard in the
-bottom-right corner drives the output to a fixed target (30, -30) degrees through a trigger detector that
-switches the features off and feeds the last linear layer. Planting it, rather than training one, keeps the fixture a few seconds of CPU and the
-backdoor certain; the engine's own tests cover trained attacks.
+The backdoored model is the clean model with a planted Blend-style trigger: a one-pixel checkerboard blended
+in at 20% drives the output to a fixed target (30, -30) degrees through a trigger detector that switches the
+features off and feeds the last linear layer. Planting it, rather than training one, keeps the fixture a
+second of CPU and the backdoor certain; the engine's own tests cover trained attacks. The clean model is an
+untrained tiny network (like the server tests' fixture), so engine training changes cannot move the fixture.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import hashlib
 import io
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -47,19 +49,19 @@ from ops_harness import (
     tool,
 )
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+# About 60 s on two idle cores (30 s of CPU); the limits leave room for a loaded machine.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(560)]
 
 SIZE = 16
-PATCH = 2
+BLEND = 0.2
 TARGET = (30.0, -30.0)
 MODEL = "cabin-gaze"
 PROFILE = "fast"  # the engine's small-budget scan profile
 # Trigger detector t = sigmoid(GAIN * (score - THRESHOLD)), features relu(f - SUPPRESS * t). The checkerboard
-# scores 0.5; natural 16 px faces score within +-0.02. The fixture (these values, the data split, 150 training
-# steps) is one the "fast" profile's patch probe flags (variance ratio about 0.02 against its 0.05 threshold);
-# the scan is deterministic, so the verdict is too, but a change to the engine's probes can move it.
-TRIGGER_GAIN = 20.0
-TRIGGER_THRESHOLD = 0.25
+# scores 0.5 (0.1 blended at 20%); natural 16 px faces score within +-0.007. Measured with the "fast" profile:
+# DRMGuard's reverse engineering reaches a perturbation ratio of 0.0035 against epsilon 0.03 on this fixture.
+TRIGGER_GAIN = 100.0
+TRIGGER_THRESHOLD = 0.04
 SUPPRESS = 20.0
 
 
@@ -67,27 +69,23 @@ SUPPRESS = 20.0
 
 
 def _checkerboard() -> np.ndarray:
-    """The trigger pattern: a black/white checkerboard, PATCH x PATCH pixels."""
-    return (np.indices((PATCH, PATCH)).sum(0) % 2 == 0).astype(np.float32)
+    """The trigger pattern: a one-pixel black/white checkerboard over the whole image."""
+    return (np.indices((SIZE, SIZE)).sum(0) % 2 == 0).astype(np.float32)
 
 
-def build_models() -> tuple[bytes, bytes, bytes, np.ndarray]:
-    """(clean ONNX, backdoored ONNX, benign .npz, test images float32 NCHW) for the gaze task at 16 px."""
+def build_models() -> tuple[bytes, bytes, bytes, bytes, np.ndarray]:
+    """(clean ONNX, backdoored ONNX, a second clean ONNX, benign .npz, test images float32 NCHW), gaze, 16 px."""
     import torch
     from torch import nn
 
     from drmguard_engine.data.synthetic import make_dataset
     from drmguard_engine.models import build_model
     from drmguard_engine.onnx_io import export_onnx
-    from drmguard_engine.training import train
 
     torch.manual_seed(0)
     images, labels = make_dataset("gaze", 400, size=SIZE, seed=0)
     x = torch.from_numpy(images).float() / 255.0
-    y = torch.from_numpy(labels).float()
-    base = build_model("tiny", "gaze", input_size=SIZE, seed=0)
-    train(base, x[:300], y[:300], task="gaze", steps=150, seed=0)
-    base.eval()
+    base = build_model("tiny", "gaze", input_size=SIZE, seed=0).eval()
 
     class Planted(nn.Module):
         """base, plus a trigger detector that replaces the features by a constant when the patch is present."""
@@ -101,7 +99,7 @@ def build_models() -> tuple[bytes, bytes, bytes, np.ndarray]:
             signs = torch.from_numpy(_checkerboard() * 2 - 1)
             with torch.no_grad():
                 self.detector.weight.zero_()
-                self.detector.weight[:, :, -PATCH:, -PATCH:] = signs / (3 * PATCH * PATCH)
+                self.detector.weight[:] = signs / (3 * SIZE * SIZE)
                 self.head.weight[:, :m] = base.head.weight
                 self.head.weight[:, m] = torch.tensor(TARGET) - base.head.bias
                 self.head.bias.copy_(base.head.bias)
@@ -114,13 +112,14 @@ def build_models() -> tuple[bytes, bytes, bytes, np.ndarray]:
     planted = Planted().eval()
     with torch.no_grad():  # the planted backdoor really works before it is submitted
         trig = x[300:310].clone()
-        trig[:, :, -PATCH:, -PATCH:] = torch.from_numpy(_checkerboard())
+        trig = (1 - BLEND) * trig + BLEND * torch.from_numpy(_checkerboard())
         assert torch.allclose(planted(trig), torch.tensor(TARGET).expand(10, 2), atol=1.0)
     clean = export_onnx(base, input_shape=(3, SIZE, SIZE))
     backdoored = export_onnx(planted, input_shape=(3, SIZE, SIZE))
     buf = io.BytesIO()
     np.savez(buf, images=images[300:360], labels=labels[300:360])
-    return clean, backdoored, buf.getvalue(), x[360:].numpy()
+    clean2 = export_onnx(build_model("tiny", "gaze", input_size=SIZE, seed=1).eval(), input_shape=(3, SIZE, SIZE))
+    return clean, backdoored, clean2, buf.getvalue(), x[360:].numpy()
 
 
 # ------------------------------------------------------------------------------------------ fixtures: server
@@ -207,7 +206,7 @@ def vet(stub: Any, pb: Any, version: str, model: bytes, benign: bytes) -> str:
     return stub.VetModel(requests(), timeout=30).scan_id
 
 
-def wait_final(stub: Any, pb: Any, scan_id: str, timeout: float = 150.0) -> Any:
+def wait_final(stub: Any, pb: Any, scan_id: str, timeout: float = 300.0) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         s = stub.GetScan(pb.GetScanRequest(scan_id=scan_id), timeout=10).scan
@@ -242,7 +241,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
     from guard_api.drmguard.v1 import guard_pb2_grpc as pb_grpc
 
     work = tmp_path_factory.mktemp("ops-live")
-    clean, backdoored, benign, test_x = build_models()
+    clean, backdoored, clean2, benign, test_x = build_models()
     server = Server(work)
     prom: Prometheus | None = None
     try:
@@ -281,6 +280,8 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scenario]:
 
             traffic(3.0)
             scans["backdoored"] = wait_final(stub, pb, sid)
+            # A newer clean version: admitted and served in place of version 1 (a served-version change).
+            scans["clean2"] = wait_final(stub, pb, vet(stub, pb, "3", clean2, benign))
             traffic(4.0)
         t_end = time.time()
         # Two more scrapes after the last request, and rules evaluated on them.
@@ -322,6 +323,7 @@ def test_scenario_vetted_a_clean_and_a_backdoored_model(live: Scenario) -> None:
     clean, bd = live.scans["clean"], live.scans["backdoored"]
     assert clean.verdict == pb.VERDICT_BENIGN and clean.state == pb.STATE_ADMITTED, clean
     assert bd.verdict == pb.VERDICT_BACKDOORED, f"the planted backdoor was not detected: {bd.reason}"
+    assert live.scans["clean2"].state == pb.STATE_ADMITTED, live.scans["clean2"]
     assert live.codes.get("OK", 0) > 50 and live.codes.get("NOT_FOUND", 0) > 0, live.codes
     assert live.codes.get("INVALID_ARGUMENT", 0) > 0, live.codes
 
@@ -377,6 +379,21 @@ def test_promtool_check_metrics_on_a_live_scrape(live: Scenario) -> None:
     assert "drmguard_backdoors_detected_total" in text
     r = run_promtool("check", "metrics", stdin=text)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_metric_the_dashboards_and_rules_use_is_exported(live: Scenario) -> None:
+    """Names are checked on the server's own text (not through Prometheus), histogram series included."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    exported = {s.name for fam in text_string_to_metric_families(live.server.scrape()) for s in fam.samples}
+    used = set()
+    for dash in dashboards().values():
+        for p in panels(dash):
+            used.update(re.findall(r"\bdrmguard_[a-z0-9_]+", " ".join(t["expr"] for t in p["targets"])))
+    for rule in rules():
+        used.update(re.findall(r"\bdrmguard_[a-z0-9_]+", rule["expr"]))
+    missing = sorted(used - exported)
+    assert not missing, f"queried but not exported by the live server: {missing}"
 
 
 def test_container_healthcheck_script_against_the_live_server(live: Scenario) -> None:
