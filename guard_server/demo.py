@@ -182,8 +182,8 @@ def _gaze_error(pred: np.ndarray, target: np.ndarray, task: str) -> float:
 
     from drmguard_engine.tasks import regression_error
 
-    return float(regression_error(task, torch.from_numpy(np.ascontiguousarray(pred, np.float32)),
-                                  torch.from_numpy(np.ascontiguousarray(target, np.float32))))
+    return float(regression_error(task, torch.from_numpy(np.array(pred, np.float32)),
+                                  torch.from_numpy(np.array(target, np.float32))))
 
 
 def show_predictions(address: str, models: dict[str, Any], outcomes: dict[str, dict[str, Any]], task: str) -> None:
