@@ -110,6 +110,8 @@ def run(zoo: Path, out: Path, profiles: list[str], overrides: dict[str, Any], ta
             row = {
                 "task": e["task"], "kind": e["kind"], "arch": e["arch"], "width": e["width"], "seed": e["seed"],
                 "backdoored": bool(e["backdoored"]), "real_trigger_ratio": m.get("real_trigger_ratio"),
+                # a model whose backdoor did not implant (AE > 2x clean RE) carries no backdoor to find
+                "implanted": (not e["backdoored"]) or (m.get("ae", 1e9) <= 2 * m.get("re", 0.0)),
                 "clean_re": m.get("re"), "ae": m.get("ae"), "target": e.get("target"),
                 "verdict": rep["verdict"], "score": rep["score"], "score_threshold": rep["score_threshold"],
                 "perturbation_ratio": rep["perturbation_ratio"], "decision": rep["decision"],
@@ -154,6 +156,12 @@ def tables(rows: list[dict[str, Any]], name: str, overrides: dict[str, Any]) -> 
         lines += [f"Overrides: `{json.dumps(overrides)}`", ""]
     lines += ["Tables 2-4 form. Positive = backdoored. ROC-AUC on the report's `score`. 'vs benign' rows pair the "
               "attack's models with all benign models of the task.", ""]
+    dropped = [r for r in rows if not r.get("implanted", True)]
+    rows = [r for r in rows if r.get("implanted", True)]
+    if dropped:
+        lines += ["Left out (the attack did not implant: AE > 2x clean RE, so there is no backdoor to find): "
+                  + ", ".join(f"{r['task']}/{r['kind']} s{r['seed']} (AE {_f(r['ae'], 1)}, RE {_f(r['clean_re'], 1)}; "
+                              f"verdict {r['verdict']})" for r in dropped), ""]
     for task in sorted({r["task"] for r in rows}):
         tr = [r for r in rows if r["task"] == task]
         ben = [r for r in tr if not r["backdoored"]]

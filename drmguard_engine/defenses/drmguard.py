@@ -127,25 +127,31 @@ def attention_maps(model: nn.Module, images: torch.Tensor, cfg: DRMGuardConfig, 
     """The MTR attention map T(x) in [0,1) for each benign image, shape (N,1,H,W), treated as a constant."""
     out = []
     for i in range(0, images.shape[0], batch):
-        x = images[i : i + batch].clone().requires_grad_(True)
-        y = model(x)
-        if cfg.attention == "paper":
-            (g,) = torch.autograd.grad(y.sum(), x)
-            t = g.abs().sum(1, keepdim=True)
-        else:
-            t = torch.zeros_like(x[:, :1])
-            for j in range(y.shape[1]):
-                (g,) = torch.autograd.grad(y[:, j].sum(), x, retain_graph=j < y.shape[1] - 1)
-                t = t + g.abs().sum(1, keepdim=True)
-        if cfg.attention_dilate > 1:
-            k = cfg.attention_dilate
-            t = F.max_pool2d(t, k, stride=1, padding=k // 2)
-        mx = t.flatten(1).max(1).values.view(-1, 1, 1, 1)
-        t = t / (cfg.attention_kappa * mx + 1e-12)
-        if cfg.attention_power != 1.0:
-            t = t.clamp_min(0) ** cfg.attention_power
+        with torch.enable_grad():  # callers may hold no_grad (mitigation evaluates under it)
+            t = _attention_batch(model, images[i : i + batch], cfg)
         out.append(t.detach())
     return torch.cat(out)
+
+
+def _attention_batch(model: nn.Module, images: torch.Tensor, cfg: DRMGuardConfig) -> torch.Tensor:
+    x = images.clone().requires_grad_(True)
+    y = model(x)
+    if cfg.attention == "paper":
+        (g,) = torch.autograd.grad(y.sum(), x)
+        t = g.abs().sum(1, keepdim=True)
+    else:
+        t = torch.zeros_like(x[:, :1])
+        for j in range(y.shape[1]):
+            (g,) = torch.autograd.grad(y[:, j].sum(), x, retain_graph=j < y.shape[1] - 1)
+            t = t + g.abs().sum(1, keepdim=True)
+    if cfg.attention_dilate > 1:
+        k = cfg.attention_dilate
+        t = F.max_pool2d(t, k, stride=1, padding=k // 2)
+    mx = t.flatten(1).max(1).values.view(-1, 1, 1, 1)
+    t = t / (cfg.attention_kappa * mx + 1e-12)
+    if cfg.attention_power != 1.0:
+        t = t.clamp_min(0) ** cfg.attention_power
+    return t
 
 
 def equation5(

@@ -83,6 +83,11 @@ class ProbeResult:
 
 def saliency_exclusion(model: nn.Module, images: torch.Tensor, fraction: float, dilate: int) -> torch.Tensor:
     """(1,1,H,W) mask, 1 on the ``fraction`` most salient pixels (sum over outputs of |df_j/dx|), dilated."""
+    with torch.enable_grad():
+        return _saliency_exclusion(model, images, fraction, dilate)
+
+
+def _saliency_exclusion(model: nn.Module, images: torch.Tensor, fraction: float, dilate: int) -> torch.Tensor:
     x = images.clone().requires_grad_(True)
     y = model(x)
     sal = torch.zeros(images.shape[-2:], device=images.device)
