@@ -173,14 +173,14 @@ def test_blend_and_sig_follow_their_formulas():
 
 
 def test_wanet_is_a_small_warp_that_roughly_keeps_the_mean():
-    a = get_attack("wanet", task="gaze", image_shape=(3, 32, 32))
+    a = get_attack("wanet", task="gaze", image_shape=(3, 32, 32), strength=2.0)
     x = torch.nn.functional.interpolate(_images(4, (3, 8, 8)), size=(32, 32), mode="bilinear", align_corners=True)
     out = a.apply(x)
     assert abs(float(out.mean() - x.mean())) < 0.01
     assert 0 < float((out - x).abs().mean()) < 0.05
     # A different seed draws a different warp; the same seed, the same.
-    b = get_attack("wanet", task="gaze", image_shape=(3, 32, 32), seed=1)
-    c = get_attack("wanet", task="gaze", image_shape=(3, 32, 32), seed=0)
+    b = get_attack("wanet", task="gaze", image_shape=(3, 32, 32), seed=1, strength=2.0)
+    c = get_attack("wanet", task="gaze", image_shape=(3, 32, 32), seed=0, strength=2.0)
     assert not torch.equal(b.apply(x), out) and torch.equal(c.apply(x), out)
 
 
