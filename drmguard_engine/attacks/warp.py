@@ -46,7 +46,7 @@ class WarpConfig(AttackConfig):
 
     poison_rate: float = 0.1
     # s = 2, cross_ratio = 1 did NOT implant at 64 px in 1,500 steps (gaze AE 15.9 vs RE 3.8; docs/attacks.md).
-    # The pilot implanted with a stronger warp and fewer noise-mode samples: s = 4, cross 0.5 (being measured).
+    # The pilot implanted with a stronger warp and fewer noise-mode samples: s = 4, cross 0.5 (not measured yet; docs/attacks.md).
     cross_ratio: float = 0.5
     grid_k: int | None = None
     strength: float = 4.0
