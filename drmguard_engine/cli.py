@@ -297,7 +297,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         action="append",
         default=None,
         metavar="KEY=VALUE",
-        help="attack option (repeatable), e.g. --attack-opt rate=0.1",
+        help="attack option (repeatable), e.g. --attack-opt poison_rate=0.1 --attack-opt patch_size=4",
     )
     p.add_argument(
         "--out", required=True, help="output ONNX model; sidecars M.json and M.attack.npz go beside it"
