@@ -106,6 +106,8 @@ def run(zoo: Path, out: Path, profiles: list[str], overrides: dict[str, Any], ta
             rep["score"], rep["score_threshold"], rep["decision"] = decide(
                 cfg, rep["perturbation_ratio"], rep.get("output_variance_ratio", 1.0), rep.get("probes", []))
             rep["verdict"] = "backdoored" if rep["score"] >= rep["score_threshold"] else "benign"
+            if rep.get("probes") and "probe" in rep["decision"]:
+                rep["estimated_target"] = min(rep["probes"], key=lambda p: p["variance_ratio"])["collapse_point"]
             m = e.get("metrics", {})
             row = {
                 "task": e["task"], "kind": e["kind"], "arch": e["arch"], "width": e["width"], "seed": e["seed"],

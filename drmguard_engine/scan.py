@@ -111,7 +111,7 @@ def get_profile(name: str, task: Task | str, **overrides: Any) -> ScanConfig:
     elif name in ("default", "reference"):
         cfg = ScanConfig(name, _default_drmguard(task, 300), ProbeConfig(steps=150), "combined")
     elif name == "fast":
-        cfg = ScanConfig("fast", _default_drmguard(task, 100), ProbeConfig(steps=60), "combined")
+        cfg = ScanConfig("fast", _default_drmguard(task, 100), ProbeConfig(steps=100), "combined")
     else:
         raise ConfigError(f"unknown scan profile {name!r}; choose one of {', '.join(PROFILES)}")
     dg = cfg.drmguard.replace(**dg_over) if dg_over else cfg.drmguard
@@ -131,6 +131,7 @@ class ScanReport:
     score_threshold: float
     decision: str
     estimated_target: list[float]
+    drmguard_target: list[float]
     steps: int
     seconds: float
     profile: str
@@ -293,6 +294,11 @@ def scan(
     score, score_thr, why = decide(cfg, rev.perturbation_ratio, rev.output_variance_ratio,
                                    [_probe_dict(p) for p in probes], refs)
     verdict = BACKDOORED if score >= score_thr else BENIGN
+    # the target estimate (A.5) comes from whichever reversed trigger decided: the probe's collapse point when a
+    # probe decided, else the mean of f(x') of DRMGuard's generator
+    target = rev.estimated_target
+    if probes and "probe" in why:
+        target = min(probes, key=lambda p: p.variance_ratio).collapse_point
     emit("decide", 1, 1, {"score": score}, rev.perturbation_ratio)
     timings = dict(rev.seconds)
     timings.update({f"probe_{p.family}": p.seconds for p in probes})
@@ -305,7 +311,8 @@ def scan(
         score=float(score),
         score_threshold=float(score_thr),
         decision=why,
-        estimated_target=rev.estimated_target,
+        estimated_target=target,
+        drmguard_target=rev.estimated_target,
         steps=steps,
         seconds=time.perf_counter() - t0,
         profile=cfg.profile,

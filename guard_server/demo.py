@@ -141,7 +141,7 @@ def make_models(
     benign_path = work / "benign.npz"
     save_benign_npz(benign_path, benign_x, benign_y)
 
-    attack = get_attack("badnets", task=task, image_shape=(3, size, size), target=None, seed=seed)
+    attack = get_attack("badnets", task=task, image_shape=(3, size, size), target=None, seed=seed, poison_rate=0.1)
     out: dict[str, Any] = {"benign": benign_path, "test_x": test_x, "test_y": test_y, "attack": attack}
     for kind, atk in (("clean", None), ("backdoored", attack)):
         t0 = time.monotonic()
@@ -238,9 +238,9 @@ def show_metrics(metrics_port: int) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m guard_server.demo", description=__doc__.split("\n")[0])
-    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64, the zoo's size)")
     p.add_argument("--width", type=float, default=0.25, help="ResNet18 width multiplier (default 0.25)")
-    p.add_argument("--steps", type=int, default=600, help="training steps per demo model (default 600)")
+    p.add_argument("--steps", type=int, default=1000, help="training steps per demo model (default 1000)")
     p.add_argument("--train-images", type=int, default=2000)
     p.add_argument("--benign-images", type=int, default=300, help="size of the benign set sent with each model")
     p.add_argument("--profile", default="default", help="scan profile (default: default)")
