@@ -1,0 +1,66 @@
+"""Per-step cost of the scan profiles, extrapolated to a whole scan: `paper` and `default` on a 64x64 ResNet18.
+
+Usage: ``.venv/bin/python benchmarks/scan_speed.py [--width 1.0] [--steps 10] [--threads 2]``. Times a few
+steps of each phase (generator pre-training, reverse engineering, probes) and multiplies by the profile's step
+counts; prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from drmguard_engine.data.benign import BenignSet  # noqa: E402
+from drmguard_engine.data.synthetic import make_dataset  # noqa: E402
+from drmguard_engine.defenses.probes import run_probes  # noqa: E402
+from drmguard_engine.defenses.drmguard import reverse_engineer  # noqa: E402
+from drmguard_engine.models import build_model  # noqa: E402
+from drmguard_engine.scan import get_profile  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--width", type=float, default=1.0)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--task", default="gaze")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    x, _ = make_dataset(a.task, 200, size=a.size, seed=1)
+    images = torch.from_numpy(x).float() / 255
+    model = build_model("resnet18", a.task, input_size=a.size, width=a.width).eval()
+    out: dict[str, object] = {"width": a.width, "size": a.size, "threads": a.threads}
+    for name in ("paper", "default"):
+        cfg = get_profile(name, a.task)
+        dg = cfg.drmguard
+        t0 = time.perf_counter()
+        reverse_engineer(model, images, dg.replace(pretrain_steps=a.steps, steps=1))
+        t_pre = (time.perf_counter() - t0) / a.steps
+        t0 = time.perf_counter()
+        reverse_engineer(model, images, dg.replace(pretrain_steps=0, steps=a.steps))
+        t_rev = (time.perf_counter() - t0) / a.steps
+        t_probe = 0.0
+        if cfg.probes is not None:
+            t0 = time.perf_counter()
+            run_probes(model, images, cfg.probes.replace(steps=a.steps))
+            t_probe = (time.perf_counter() - t0) / (a.steps * len(cfg.probes.families))
+        total = dg.pretrain_steps * t_pre + dg.steps * t_rev
+        if cfg.probes is not None:
+            total += cfg.probes.steps * len(cfg.probes.families) * t_probe
+        out[name] = {"pretrain_s_per_step": t_pre, "reverse_s_per_step": t_rev, "probe_s_per_step": t_probe,
+                     "estimated_scan_seconds": total}
+        print(f"{name}: {json.dumps(out[name])}", file=sys.stderr, flush=True)
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
