@@ -7,7 +7,6 @@ SQLite transaction; serving needs a loaded, warmed-up session *and* an ADMITTED 
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
@@ -390,12 +389,16 @@ class GuardCore:
         self.store.set_state(scan_id, st.SCANNING, "scan started")
         self._publish_state(scan_id, st.SCANNING, "scan started")
         env = dict(os.environ)
+        # the worker asks the kernel to kill it when this server dies (worker.die_with_parent); that is done after
+        # exec, in the worker: a preexec_fn would run Python (ctypes' dlopen) in a fork of this multi-threaded
+        # process, which crashed scan processes with SIGSEGV
+        env["DRMGUARD_PARENT_PID"] = str(os.getpid())
         if self.settings.scan_threads:
             env["OMP_NUM_THREADS"] = str(self.settings.scan_threads)
         with open(job_dir / "worker.log", "w") as log:
             proc = subprocess.Popen([sys.executable, "-m", "guard_server.worker", str(job_dir / "job.json")],
                                     stdout=subprocess.PIPE, stderr=log, text=True, env=env,
-                                    preexec_fn=_die_with_parent, cwd=str(job_dir))
+                                    cwd=str(job_dir))
         with self._lock:
             self._procs[scan_id] = proc
         self.metrics.scans_in_progress.inc()
@@ -685,11 +688,3 @@ def _terminate(proc: subprocess.Popen[str], grace: float = 5.0) -> None:
         proc.wait(grace)
     except subprocess.TimeoutExpired:
         proc.kill()
-
-
-def _die_with_parent() -> None:
-    """Linux: the scan process gets SIGKILL if the server dies, so no orphan keeps scanning."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
