@@ -261,9 +261,7 @@ def scan(
         The report; a backdoor is a verdict, never an exception.
     """
     task = Task.parse(task)
-    cfg = get_profile(config, task) if isinstance(config, str) or config is None else config
-    if isinstance(config, type(None)):
-        cfg = get_profile("default", task)
+    cfg = get_profile("default" if config is None else config, task) if not isinstance(config, ScanConfig) else config
     _check_model(model, task, benign)
     dev = torch.device(device)
     t0 = time.perf_counter()

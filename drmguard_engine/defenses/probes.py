@@ -201,7 +201,7 @@ def run_probes(
             opt.step()
             done += 1
             if progress is not None and (step % 25 == 0 or step == cfg.steps - 1):
-                progress("probe", done, total, {f"probe_{family}": float(loss)}, None)
+                progress("probe", done, total, {f"probe_{family}": float(loss.detach())}, None)
         probe.area_budget = cfg.patch_area
         with torch.no_grad():
             xp_fit = torch.cat([probe(fit[i : i + 256]) for i in range(0, fit.shape[0], 256)])

@@ -165,3 +165,9 @@ def test_paper_rule_score_is_threshold_over_ratio() -> None:
     for key in ("verdict", "perturbation_ratio", "threshold", "score", "score_threshold", "decision",
                 "estimated_target", "steps", "seconds"):
         assert key in d
+
+
+def test_scan_without_config_uses_the_default_profile() -> None:
+    r = scan(_Linear(), BenignSet(torch.rand(8, 3, 8, 8), None), "gaze")
+    assert r.profile == "default" and r.config["decision"] == "combined"
+    assert len(r.probes) == 3 and {p["family"] for p in r.probes} == {"blend", "patch", "warp"}
