@@ -17,7 +17,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from drmguard_engine.data.benign import BenignSet  # noqa: E402
 from drmguard_engine.data.synthetic import make_dataset  # noqa: E402
 from drmguard_engine.defenses.probes import run_probes  # noqa: E402
 from drmguard_engine.defenses.drmguard import reverse_engineer  # noqa: E402

@@ -140,7 +140,6 @@ def _add_scan(p: argparse.ArgumentParser) -> None:
 def _run_mitigate(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from .data.benign import BenignSet
     from .onnx_io import export_onnx
     from .scan import MitigationConfig, get_profile, mitigate, scan
 

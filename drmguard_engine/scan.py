@@ -64,8 +64,7 @@ class ScanConfig:
     reference_margin: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        return d
+        return asdict(self)
 
 
 def _paper_drmguard(task: Task) -> DRMGuardConfig:
@@ -372,7 +371,7 @@ class MitigationReport:
         return d
 
 
-def _reversed_inputs(report: ScanReport, images: torch.Tensor, model: nn.Module) -> list[tuple[str, Callable]]:
+def _reversed_inputs(report: ScanReport, model: nn.Module) -> list[tuple[str, Callable]]:
     """The transformations that reproduce the reversed trigger on new images (G with MTR, best probe)."""
     out: list[tuple[str, Callable]] = []
     rev = report.reverse
@@ -434,7 +433,7 @@ def mitigate(
     if hold.labels is None:
         raise DataError("the mitigation hold-out set needs labels")
     x_ho, y_ho = hold.images.to(dev), hold.labels.to(dev)
-    transforms = _reversed_inputs(report, x_tr, model.eval())
+    transforms = _reversed_inputs(report, model.eval())
     if not transforms:
         raise ConfigError("the scan report carries no reversed trigger to unlearn")
     # the transformation that decided the verdict measures the reversed-trigger errors; all of them build D_rp
