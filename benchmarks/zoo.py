@@ -147,6 +147,15 @@ class Zoo:
         s = self.s
         return get_attack(kind, task=task, image_shape=(3, s.size, s.size), seed=seed, **s.attack_options.get(kind, {}))
 
+    def _legacy_meta(self, key: dict[str, Any]) -> Path | None:
+        """A model built before the attack header joined the hash (its meta.json stores it as ``attack``)."""
+        old = {k: v for k, v in key.items() if k != "attack_header"}
+        d = self.entry_dir(old)
+        meta = d / "meta.json"
+        if meta.exists() and json.loads(meta.read_text()).get("attack") == key["attack_header"]:
+            return meta
+        return None
+
     def build(self, task: str, kind: str, arch: str, width: float, seed: int) -> dict[str, Any]:
         attack = self.make_attack(task, kind, seed)
         key = self.key(task, kind, arch, width, seed)
@@ -154,6 +163,9 @@ class Zoo:
         key["attack_header"] = attack.header() if attack is not None else None
         d = self.entry_dir(key)
         meta_path = d / "meta.json"
+        legacy = self._legacy_meta(key)
+        if not meta_path.exists() and legacy is not None:
+            d, meta_path = legacy.parent, legacy
         if meta_path.exists():
             meta = json.loads(meta_path.read_text())
             _log(f"skip {task}/{kind} seed {seed} (built: {d.name})")

@@ -121,6 +121,22 @@ def test_patch_probe_respects_area_budget() -> None:
     assert float(p.patch_mask().mean()) == pytest.approx(0.02, rel=1e-5)
 
 
+def test_smooth_probe_is_bounded_low_frequency_and_spares_the_excluded_region() -> None:
+    cfg = ProbeConfig(smooth_linf=0.1, smooth_grid=4)
+    exclude = torch.zeros(1, 1, 16, 16)
+    exclude[..., 4:8, 4:8] = 1.0
+    p = _Probe("smooth", (3, 16, 16), cfg, exclude)
+    assert tuple(p.delta.shape) == (1, 3, 4, 4)  # the signal lives on the coarse grid
+    with torch.no_grad():
+        p.delta.normal_(0, 10.0)
+    x = torch.full((2, 3, 16, 16), 0.5)
+    d = p(x) - x
+    assert float(d.abs().max()) <= 0.1 + 1e-6 and float(d.abs().max()) > 0.05
+    assert float(d[..., 4:8, 4:8].abs().max()) == 0.0  # salient pixels untouched
+    # bilinear upsampling of a 4x4 grid: neighbouring pixels differ by at most one grid step / 5 pixels
+    assert float((d[..., :, 1:] - d[..., :, :-1]).abs()[..., 8:, :].max()) <= 2 * 0.1 / 5 + 1e-6
+
+
 def test_config_validation_and_profiles() -> None:
     with pytest.raises(ConfigError):
         DRMGuardConfig(epsilon=0.0)
@@ -170,4 +186,4 @@ def test_paper_rule_score_is_threshold_over_ratio() -> None:
 def test_scan_without_config_uses_the_default_profile() -> None:
     r = scan(_Linear(), BenignSet(torch.rand(8, 3, 8, 8), None), "gaze")
     assert r.profile == "default" and r.config["decision"] == "combined"
-    assert len(r.probes) == 3 and {p["family"] for p in r.probes} == {"blend", "patch", "warp"}
+    assert len(r.probes) == 4 and {p["family"] for p in r.probes} == {"blend", "patch", "warp", "smooth"}
