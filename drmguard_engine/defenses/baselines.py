@@ -153,7 +153,7 @@ class NeuralCleanseConfig:
     patience: int = 2
     success_ratio: float = 0.25
     restarts: int = 3
-    reference_fraction: float = 0.01
+    reference_fraction: float = 0.005
     score_threshold: float = 1.0
     seed: int = 0
 
@@ -635,12 +635,15 @@ def featurere_detect(
             loss.backward()
             opt.step()
             last = {
-                "e_mix": float(e_mix),
-                "e_in": float(e_in),
-                "mask_mean": float(m.mean()),
-                "std_rel": float(std_rel),
-                "benign_rel": float(benign_rel),
-                "input_l1": float(dist),
+                k: float(v.detach())
+                for k, v in (
+                    ("e_mix", e_mix),
+                    ("e_in", e_in),
+                    ("mask_mean", m.mean()),
+                    ("std_rel", std_rel),
+                    ("benign_rel", benign_rel),
+                    ("input_l1", dist),
+                )
             }
             _emit(progress, "featurere", step, cfg.steps, last)
         # measured on all of D_be after optimisation
@@ -801,6 +804,13 @@ def _holdout(benign: BenignSet, holdout: BenignSet | None, who: str) -> BenignSe
     return hold
 
 
+def _finish(model: nn.Module) -> nn.Module:
+    """A mitigated model as ``scan.mitigate`` returns one: eval mode, parameter gradients off."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
 def _clean_error(model: nn.Module, task: Task, hold: BenignSet, dev: torch.device) -> float:
     model.eval()
     return regression_error(task, _predict(model, hold.images.to(dev)), hold.labels.to(dev))
@@ -889,7 +899,7 @@ def fine_tuning_mitigate(
         progress=progress,
         cancel=cancel,
     )
-    after = _clean_error(model, task, hold, dev)
+    after = _clean_error(_finish(model), task, hold, dev)
     return model, DefenseMitigationReport(
         defense="fine_tuning",
         clean_error_before=before,
@@ -1090,7 +1100,7 @@ def fine_pruning_mitigate(
         if cfg.steps > 0
         else []
     )
-    after = _clean_error(model, task, hold, dev)
+    after = _clean_error(_finish(model), task, hold, dev)
     return model, DefenseMitigationReport(
         defense="fine_pruning",
         clean_error_before=before,
@@ -1231,7 +1241,7 @@ def anp_mitigate(
                     u.weight.mul_(kk.view(-1, *([1] * (u.weight.dim() - 1))))
                     pruned[u.name] = [int(v) for v in idx]
     model.eval()
-    after = _clean_error(model, task, hold, dev)
+    after = _clean_error(_finish(model), task, hold, dev)
     n_total = sum(u.channels for u in units)
     return model, DefenseMitigationReport(
         defense="anp",

@@ -150,6 +150,7 @@ def test_fine_pruning_zeroes_channels_keeps_them_zero_and_the_model_runs() -> No
     assert rep.details["clean_error_search"] <= rep.clean_error_before * 1.1 + 1e-6
     out = model(holdout.images[:4])
     assert out.shape == (4, 2) and torch.isfinite(out).all() and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before, _state(bd), strict=True)), "input model modified"
     _json(rep.to_dict())
 
