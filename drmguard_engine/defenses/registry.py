@@ -104,6 +104,7 @@ def _drmguard_detect(
                 "steps",
                 "n_benign",
             )
+            if k in d
         },
     )
 
