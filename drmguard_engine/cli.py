@@ -583,6 +583,17 @@ def _load_plugin_commands() -> None:
             raise
         return
     COMMANDS.extend(mod.COMMANDS)
+    from .defenses import registry as _baselines
+
+    COMMANDS.append(
+        Command(
+            "baseline",
+            "run a baseline defense (neural_cleanse, featurere, anp, fine_pruning, fine_tuning, drmguard) "
+            "on an ONNX model and write a JSON report (--out: the mitigated ONNX)",
+            _baselines.add_cli_arguments,
+            _baselines.run_cli,
+        )
+    )
 
 
 _load_plugin_commands()

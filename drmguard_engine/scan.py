@@ -108,9 +108,9 @@ def get_profile(name: str, task: Task | str, **overrides: Any) -> ScanConfig:
     if name == "paper":
         cfg = ScanConfig("paper", _paper_drmguard(task), None, "epsilon")
     elif name in ("default", "reference"):
-        cfg = ScanConfig(name, _default_drmguard(task, 300), ProbeConfig(steps=150), "combined")
+        cfg = ScanConfig(name, _default_drmguard(task, 100), ProbeConfig(steps=150), "combined")
     elif name == "fast":
-        cfg = ScanConfig("fast", _default_drmguard(task, 100), ProbeConfig(steps=100), "combined")
+        cfg = ScanConfig("fast", _default_drmguard(task, 50), ProbeConfig(steps=100), "combined")
     else:
         raise ConfigError(f"unknown scan profile {name!r}; choose one of {', '.join(PROFILES)}")
     dg = cfg.drmguard.replace(**dg_over) if dg_over else cfg.drmguard
