@@ -255,7 +255,7 @@ def reverse_engineer(
             loss.backward()
             opt.step()
             if progress is not None and (step % 25 == 0 or step == cfg.pretrain_steps - 1):
-                progress("pretrain", step + 1, cfg.pretrain_steps, {"reconstruction_l1": float(loss)}, None)
+                progress("pretrain", step + 1, cfg.pretrain_steps, {"reconstruction_l1": float(loss.detach())}, None)
     seconds["pretrain"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()

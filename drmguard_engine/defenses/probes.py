@@ -128,7 +128,10 @@ class _Probe(nn.Module):
         if family == "additive":
             self.delta = nn.Parameter(torch.zeros(1, c, h, w))
         if family == "smooth":
-            self.delta = nn.Parameter(torch.zeros(1, c, cfg.smooth_grid, cfg.smooth_grid))
+            # at most half the image side: the signal stays low-frequency on small inputs too (a grid as fine as
+            # the image would be a full-resolution additive probe, which finds adversarial directions in clean models)
+            g = max(2, min(cfg.smooth_grid, h // 2, w // 2))
+            self.delta = nn.Parameter(torch.zeros(1, c, g, g))
         if family == "warp":
             self.flow = nn.Parameter(torch.zeros(1, 2, cfg.warp_grid, cfg.warp_grid))
             ys, xs = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")

@@ -243,7 +243,8 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defense", required=True, help=f"one of {', '.join(list_defenses())}")
     p.add_argument("--model", required=True, help="the ONNX regression model (read as data, never executed)")
     p.add_argument("--benign", required=True, help="D_be .npz (images; labels needed for mitigation)")
-    p.add_argument("--task", required=True, choices=["gaze", "headpose"])
+    p.add_argument("--task", required=True, choices=["gaze", "headpose"],
+                   help="gaze (2 outputs: pitch, yaw) or headpose (3 outputs: yaw, pitch, roll), degrees")
     p.add_argument("--report", required=True, help="where to write the JSON report")
     p.add_argument("--out", default=None, help="mitigation: where to write the mitigated ONNX model")
     p.add_argument("--holdout", default=None, help="mitigation: labelled .npz to measure clean error on")
