@@ -52,7 +52,8 @@ ZOO_ATTACKS = badnets blend sig input_aware clean_label wanet badnets_small wane
 paper-tables: venv
 	$(PY) benchmarks/zoo.py --out .bench/zoo --benign-count 6 --attacks $(ZOO_ATTACKS)
 	$(PY) benchmarks/zoo.py --out .bench/zoo-arch --tasks gaze --archs mobilenetv1 --widths 0.5 --benign-count 2 --attacks badnets wanet
-	$(PY) benchmarks/paper_tables.py --out docs/results
+	$(PY) benchmarks/zoo.py --out .bench/zoo-arch --tasks gaze --archs resnet34 --widths 0.25 --benign-count 1 --attacks badnets
+	$(PY) benchmarks/paper_tables.py --out docs/results --baseline-steps 100 --ablation-models 1 --ablation-tasks gaze --paper-tasks gaze
 
 paper-tables-quick: venv
 	$(PY) benchmarks/paper_tables.py --quick --out .bench/paper-tables-quick

@@ -31,7 +31,7 @@ def test_quick_tables_end_to_end(tmp_path: Path) -> None:
         for r in rows:
             assert (r["verdict"] == "backdoored") == (r["score"] >= r["score_threshold"])
     mit = json.loads((out / "paper_tables_mitigation.json").read_text())
-    assert {r["method"] for r in mit} == {"undefended", "drmguard", "fine_tuning", "fine_pruning", "anp"}
+    assert {r["method"] for r in mit} == {"undefended", "drmguard", "drmguard_labels", "fine_tuning", "fine_pruning", "anp"}
     assert all(r["ae"] >= 0 and r["dae"] >= 0 and r["re"] >= 0 for r in mit)
     # a second run resumes from the cache: nothing is recomputed, the tables are identical
     proc2 = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
