@@ -24,10 +24,12 @@ def test_quick_tables_end_to_end(tmp_path: Path) -> None:
     ident = json.loads((out / "paper_tables_identification.json").read_text())
     methods = {r["method"] for r in ident}
     assert {"default", "neural_cleanse", "featurere"} <= methods and any(m.startswith("paper@") for m in methods)
-    # two benign and two backdoored models per method, each with a score oriented as documented
+    # every method sees both benign models and the backdoored ones (the slow paper profile: one of each, by
+    # default), each with a score oriented as documented
     for m in methods:
         rows = [r for r in ident if r["method"] == m]
-        assert sum(r["backdoored"] for r in rows) >= 1 and sum(not r["backdoored"] for r in rows) == 2
+        n_benign = 1 if m.startswith("paper@") else 2
+        assert sum(r["backdoored"] for r in rows) >= 1 and sum(not r["backdoored"] for r in rows) == n_benign
         for r in rows:
             assert (r["verdict"] == "backdoored") == (r["score"] >= r["score_threshold"])
     mit = json.loads((out / "paper_tables_mitigation.json").read_text())
