@@ -122,6 +122,9 @@ class Bench:
             m = e.get("metrics", {})
             e["implanted"] = (not e["backdoored"]) or m.get("ae", 1e9) <= 2 * m.get("re", 0.0)
             e["sha"] = hashlib.sha256((Path(e["dir"]) / "model.onnx").read_bytes()).hexdigest()
+            # the tables group models by task and data: the synthetic zoo is "gaze", a real one "gaze/mpiifacegaze"
+            ds = e.get("dataset", "synthetic")
+            e["group"] = e["task"] if ds == "synthetic" else f"{e['task']}/{ds}"
         self.out, self.n_benign, self.quick = out, n_benign, quick
         self.paper_steps, self.baseline_steps = paper_steps, baseline_steps
         self.paper_models = paper_models
@@ -137,10 +140,36 @@ class Bench:
             self._sets[k] = benign_set(task, size, k[2], seed)
         return self._sets[k]
 
+    def dbe_e(self, e: dict[str, Any], n: int | None = None) -> BenignSet:
+        """D_be for a model: fresh synthetic images, or the first 80% of a real dataset's benign split (the rest
+        is the mitigation hold-out); ``n`` caps it (the D_be-size ablation)."""
+        if e.get("dataset", "synthetic") == "synthetic":
+            return self.dbe(e["task"], int(e["size"]), n)
+        x, y = self._real_benign(e)
+        k = max(4, int(len(x) * 0.8))
+        k = min(k, n) if n and n < self.n_benign else k
+        return BenignSet(torch.from_numpy(x[:k]).float() / 255.0, torch.from_numpy(y[:k]))
+
+    def _real_benign(self, e: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        from zoo import real_splits
+
+        _, be, _ = real_splits(e["dataset"], e["data_root"], int(e["size"]), int(e["data_seed"]),
+                               int(e.get("max_images", 0)))
+        return be
+
     def holdout(self, e: dict[str, Any]) -> BenignSet:
+        if e.get("dataset", "synthetic") != "synthetic":
+            x, y = self._real_benign(e)
+            k = max(4, int(len(x) * 0.8))
+            return BenignSet(torch.from_numpy(x[k:]).float() / 255.0, torch.from_numpy(y[k:]))
         return self.dbe(e["task"], int(e["size"]), max(50, self.n_benign // 2), HOLDOUT_SEED)
 
     def test_set(self, e: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        if e.get("dataset", "synthetic") != "synthetic":
+            from zoo import real_splits
+
+            return real_splits(e["dataset"], e["data_root"], int(e["size"]), int(e["data_seed"]),
+                               int(e.get("max_images", 0)))[2]
         return make_dataset(
             e["task"], int(e["n_test"]), size=int(e["size"]), seed=int(e["data_seed"]) + 10_000
         )
@@ -212,7 +241,7 @@ class Bench:
         t0 = time.perf_counter()
         rep = scan(
             self.model(e),
-            self.dbe(e["task"], int(e["size"]), n),
+            self.dbe_e(e, n),
             e["task"],
             ScanConfig(cfg.profile, cfg.drmguard, None, "epsilon"),
         )
@@ -235,7 +264,7 @@ class Bench:
 
         def compute() -> dict[str, Any]:
             _log(f"  probe {family} on {self.name(e)}")
-            r = run_probes(self.model(e), self.dbe(e["task"], int(e["size"]), n).images, pc)[0]
+            r = run_probes(self.model(e), self.dbe_e(e, n).images, pc)[0]
             assert r.transform is not None
             # the transform is kept (weights only, npz) so mitigation can rebuild D_rp without scanning again
             _save_state(self.cache.path(key, ".probe.npz"), r.transform)
@@ -370,7 +399,7 @@ class Bench:
 
         def compute() -> dict[str, Any]:
             _log(f"  {name} on {self.name(e)}")
-            rep = defense.detect(self.model(e), self.dbe(e["task"], int(e["size"])), e["task"], config=cfg)
+            rep = defense.detect(self.model(e), self.dbe_e(e), e["task"], config=cfg)
             return json.loads(json.dumps(rep.to_dict(), default=float))
 
         rep = self.cache.get_or(key, compute)
@@ -408,7 +437,7 @@ class Bench:
             _log(f"  mitigation {method} on {self.name(e)}")
             xte, yte = self.test_set(e)
             attack = load_attack(Path(e["dir"]) / "attack.npz")
-            model, dbe, hold = self.model(e), self.dbe(e["task"], int(e["size"])), self.holdout(e)
+            model, dbe, hold = self.model(e), self.dbe_e(e), self.holdout(e)
             t0 = time.perf_counter()
             details: dict[str, Any] = {}
             if method == "undefended":
@@ -427,7 +456,7 @@ class Bench:
 
         r = self.cache.get_or(key, compute)
         return {
-            "task": e["task"],
+            "task": e["group"],
             "kind": e["kind"],
             "arch": e["arch"],
             "seed": e["seed"],
@@ -456,7 +485,7 @@ class Bench:
         m = e.get("metrics", {})
         rr = m.get("real_trigger_ratio")
         return {
-            "task": e["task"],
+            "task": e["group"],
             "kind": e["kind"],
             "arch": e["arch"],
             "width": e["width"],
@@ -503,7 +532,7 @@ class Bench:
             e
             for e in self.entries
             if e["implanted"]
-            and (tasks is None or e["task"] in tasks)
+            and (tasks is None or e["group"] in tasks)
             and (kinds is None or e["kind"] in kinds)
             and (archs is None or e["arch"] in archs)
         ]
@@ -643,7 +672,7 @@ def plots(rows: list[dict[str, Any]], out: Path, task: str, methods: list[str]) 
         title="clean (blue) vs backdoored (red)",
     )
     fig.tight_layout()
-    name = f"paper_tables_{task}.png"
+    name = f"paper_tables_{task.replace('/', '_')}.png"
     fig.savefig(out / name, dpi=110)
     plt.close(fig)
     names.append(name)
@@ -764,8 +793,8 @@ def section_ablations(b: Bench, tasks: list[str], per_kind: int) -> list[str]:
         ents = b.select(tasks=[task], archs=["resnet18"])
         ben = [e for e in ents if not e["backdoored"]][:per_kind]
         bad = [e for e in ents if e["backdoored"] and e["kind"] in ("badnets", "wanet", "blend")][:per_kind]
-        lam1 = (10.0, 30.0) if task == "gaze" else (5.0, 20.0)
-        lam2 = 600.0 if task == "gaze" else 50.0
+        lam1 = (10.0, 30.0) if task.split("/")[0] == "gaze" else (5.0, 20.0)
+        lam2 = 600.0 if task.split("/")[0] == "gaze" else 50.0
         variants: list[tuple[str, dict[str, Any], int | None]] = [("paper", {}, None), ("default", {}, None)]
         variants += [("default", {"lambda1": v}, None) for v in lam1]
         variants += [("default", {"lambda2": lam2}, None)]
@@ -820,6 +849,28 @@ def quick_zoo(out: Path) -> Path:
     return out
 
 
+def real_zoo(name: str, root: str, out: Path, quick: bool) -> Path:
+    """Builds a zoo on a real dataset (the paper's 80/10/10 split): six benign models and BadNets, Blend, SIG and
+    WaNet (--quick: 32 px, one benign and one BadNets model, a few hundred steps)."""
+    from zoo import Zoo, ZooSettings
+
+    from drmguard_engine.data.real import TASK_OF
+
+    task = TASK_OF[name]
+    if quick:
+        s = ZooSettings(size=32, steps=200, milestones=(160,), surrogate_steps=30, dataset=name, data_root=root)
+        benign, kinds = (0, 1), ("badnets",)
+    else:
+        s = ZooSettings(dataset=name, data_root=root)
+        benign, kinds = tuple(range(6)), ("badnets", "blend", "sig", "wanet")
+    z = Zoo(out, s)
+    for seed in benign:
+        z.build(task, "benign", "resnet18", 0.125 if quick else 0.25, seed)
+    for kind in kinds:
+        z.build(task, kind, "resnet18", 0.125 if quick else 0.25, 100)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -827,7 +878,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
-    p.add_argument("--tasks", nargs="+", default=["gaze", "headpose"])
+    p.add_argument("--tasks", nargs="+", default=None, help="default: gaze headpose (--quick: gaze)")
     p.add_argument(
         "--n-benign", type=int, default=400, help="size of D_be (10%% of the zoo's 4,000 training images)"
     )
@@ -869,6 +920,9 @@ def main(argv: list[str] | None = None) -> int:
         default=ROOT / ".bench" / "paper-tables-cache",
         help="where results are cached by content (--quick: <out>/cache)",
     )
+    p.add_argument("--real", action="append", default=[], metavar="NAME=DIR",
+                   help="also build a zoo on a real dataset in its own format and tabulate it: mpiifacegaze, "
+                        "columbiagaze, biwi or pandora (repeatable)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument(
         "--quick", action="store_true", help="CI size: a tiny 32 px zoo (built here) and tiny budgets"
@@ -877,9 +931,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     t0 = time.time()
     if a.quick:
-        a.zoo, a.cache = [quick_zoo(a.out / "zoo")], a.out / "cache"
-        a.tasks, a.n_benign, a.paper_steps, a.baseline_steps, a.ablation_models = ["gaze"], 60, 5, 20, 1
+        a.tasks = a.tasks or ["gaze"]
+        a.zoo, a.cache = ([quick_zoo(a.out / "zoo")] if "gaze" in a.tasks else []), a.out / "cache"
+        a.n_benign, a.paper_steps, a.baseline_steps, a.ablation_models = 60, 5, 20, 1
+    a.tasks = a.tasks or ["gaze", "headpose"]
     a.out.mkdir(parents=True, exist_ok=True)
+    for item in a.real:
+        from drmguard_engine.data.real import TASK_OF
+
+        name, _, root = item.partition("=")
+        if name not in TASK_OF or not root or not Path(root).is_dir():
+            p.error(f"--real {item!r}: use NAME=DIR with NAME one of {', '.join(TASK_OF)} and DIR its folder")
+        base = a.out if a.quick else ROOT / ".bench"
+        a.zoo = [*a.zoo, real_zoo(name, str(Path(root).resolve()), base / f"zoo-{name}", a.quick)]
+        if TASK_OF[name] not in a.tasks:
+            a.tasks = [*a.tasks, TASK_OF[name]]
     b = Bench(
         a.zoo,
         a.out,
@@ -891,6 +957,7 @@ def main(argv: list[str] | None = None) -> int:
         paper_models=a.paper_models,
         quick=a.quick,
     )
+    a.tasks = [g for t in a.tasks for g in sorted({e["group"] for e in b.entries if e["task"] == t})]
     _log(
         f"{len(b.entries)} zoo models ({sum(e['implanted'] for e in b.entries)} usable), sections {a.sections}"
     )

@@ -26,6 +26,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -80,6 +81,28 @@ class ZooSettings:
     surrogate_steps: int = 300
     data_seed: int = 0
     attack_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # a real dataset (``drmguard_engine.data.real.LOADERS``) under ``data_root`` instead of the synthetic faces: the
+    # paper's random 80/10/10 split (seed ``data_seed``) gives the training, benign (D_be) and test sets
+    dataset: str = "synthetic"
+    data_root: str = ""
+    max_images: int = 0
+
+
+def real_splits(dataset: str, root: str, size: int, seed: int, max_images: int = 0) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """A real dataset's (train, benign, test) parts: the paper's random 80/10/10 split, cached per process."""
+    key = (dataset, root, size, seed, max_images)
+    if key not in _REAL:
+        from drmguard_engine.data.real import LOADERS
+        from drmguard_engine.data.split import paper_split
+
+        kw = {"max_images": max_images} if max_images else {}
+        x, y = LOADERS[dataset](root, size=size, **kw)
+        parts = paper_split(len(x), seed=seed)
+        _REAL[key] = tuple((x[i], y[i]) for i in parts)
+    return _REAL[key]
+
+
+_REAL: dict[tuple[Any, ...], tuple[tuple[np.ndarray, np.ndarray], ...]] = {}
 
 
 def _hash(obj: Any) -> str:
@@ -115,8 +138,11 @@ class Zoo:
     def data(self, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if task not in self._data:
             s = self.s
-            xtr, ytr = make_dataset(task, s.n_train, size=s.size, seed=s.data_seed)
-            xte, yte = make_dataset(task, s.n_test, size=s.size, seed=s.data_seed + 10_000)
+            if s.dataset != "synthetic":
+                (xtr, ytr), _, (xte, yte) = real_splits(s.dataset, s.data_root, s.size, s.data_seed, s.max_images)
+            else:
+                xtr, ytr = make_dataset(task, s.n_train, size=s.size, seed=s.data_seed)
+                xte, yte = make_dataset(task, s.n_test, size=s.size, seed=s.data_seed + 10_000)
             self._data[task] = (xtr, ytr, xte, yte)
         return self._data[task]  # type: ignore[return-value]
 
@@ -127,7 +153,8 @@ class Zoo:
             "size": s.size, "n_train": s.n_train, "n_test": s.n_test, "steps": s.steps, "lr": s.lr,
             "batch_size": s.batch_size, "milestones": list(s.milestones), "surrogate_steps": s.surrogate_steps,
             "data_seed": s.data_seed, "attack_options": s.attack_options.get(kind, {}),
-        }
+        } | ({"dataset": s.dataset, "data_root": s.data_root, "max_images": s.max_images}
+             if s.dataset != "synthetic" else {})  # synthetic keys (and hashes) stay as they were
 
     def entry_dir(self, key: dict[str, Any]) -> Path:
         name = f"{key['arch']}-w{key['width']:g}-s{key['seed']}-{_hash(key)}"
@@ -273,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="ATTACK.OPTION=JSON",
                    help="attack option override, e.g. --set wanet.strength=3 (repeatable)")
+    p.add_argument("--dataset", default="synthetic",
+                   help="synthetic (default) or a real dataset: mpiifacegaze, columbiagaze (gaze), biwi, pandora "
+                        "(head pose), read from --data-root and split 80/10/10 as in the paper")
+    p.add_argument("--data-root", default="", help="the real dataset's folder, in its own on-disk format")
+    p.add_argument("--max-images", type=int, default=0, help="cap on the real dataset's images (0: the loader's)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on 2 shared cores)")
     p.add_argument("--quick", action="store_true",
                    help="pipeline check in minutes: gaze only, 1 model per kind, 150 steps, 800 images (no implant "
@@ -288,18 +320,25 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             p.error(f"--set {item!r}: use ATTACK.OPTION=JSON, e.g. wanet.strength=3")
     s = ZooSettings(attack_options=opts)
+    if a.dataset != "synthetic":
+        from drmguard_engine.data.real import TASK_OF
+
+        if a.dataset not in TASK_OF or not a.data_root:
+            p.error(f"--dataset must be one of synthetic, {', '.join(TASK_OF)}, with --data-root")
+        s = ZooSettings(attack_options=opts, dataset=a.dataset, data_root=str(Path(a.data_root).resolve()),
+                        max_images=a.max_images)
+        a.tasks = a.tasks or [TASK_OF[a.dataset]]
     if a.quick:
-        s = ZooSettings(n_train=800, n_test=100, steps=150, milestones=(120,), surrogate_steps=50,
-                        attack_options=opts)
+        s = dataclasses.replace(s, n_train=800, n_test=100, steps=150, milestones=(120,), surrogate_steps=50)
         a.count, a.benign_count = 1, 1
     if a.tasks is None:
         a.tasks = ["gaze"] if a.quick else ["gaze", "headpose"]
     if a.steps or a.n_train or a.n_test:
         steps = a.steps or s.steps
-        s = ZooSettings(
-            size=s.size, n_train=a.n_train or s.n_train, n_test=a.n_test or s.n_test, steps=steps, lr=s.lr,
-            batch_size=s.batch_size, milestones=tuple(round(m * steps / s.steps) for m in s.milestones),
-            surrogate_steps=min(s.surrogate_steps, steps), data_seed=s.data_seed, attack_options=opts,
+        s = dataclasses.replace(
+            s, n_train=a.n_train or s.n_train, n_test=a.n_test or s.n_test, steps=steps,
+            milestones=tuple(round(m * steps / s.steps) for m in s.milestones),
+            surrogate_steps=min(s.surrogate_steps, steps),
         )
     zoo = Zoo(a.out, s)
     entries: list[dict[str, Any]] = []
