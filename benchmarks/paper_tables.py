@@ -131,7 +131,6 @@ class Bench:
         self.cache = Cache(cache or out / "cache")
         self.legacy = legacy_cache
         self._sets: dict[tuple[str, int, int, int], BenignSet] = {}
-        self._models: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------ data & models
     def dbe(self, task: str, size: int, n: int | None = None, seed: int = BENIGN_SEED) -> BenignSet:
@@ -683,7 +682,7 @@ def plots(rows: list[dict[str, Any]], out: Path, task: str, methods: list[str]) 
 
 ATTACK_SETS = {
     "Tables 2-4 (BadNets, IA, Clean Label, WaNet)": ["badnets", "input_aware", "clean_label", "wanet"],
-    "Tables 14 (Blend, SIG)": ["blend", "sig", "blend_subtle", "sig_subtle"],
+    "Table 14 (Blend, SIG)": ["blend", "sig", "blend_subtle", "sig_subtle"],
     "Table 9 (adaptive attack)": ["adaptive"],
     "Table 11 (multi-target WaNet)": ["wanet_multi"],
 }

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import signal
-import statistics
 import sys
 import tempfile
 import threading
