@@ -163,7 +163,9 @@ def _run_mitigate(a: argparse.Namespace) -> dict[str, Any]:
                 print(f"benign: not mitigated (report {report_path})")
                 return None  # type: ignore[return-value]
             return {k: result[k] for k in ("verdict", "mitigated", "message")}
-        mcfg = MitigationConfig(steps=a.steps, lr=a.lr, targets=a.targets, probe_triggers=a.probe_triggers)
+        # the paper profile mitigates as the paper does (labels) unless told otherwise
+        targets = a.targets or ("labels" if report.profile == "paper" else "teacher")
+        mcfg = MitigationConfig(steps=a.steps, lr=a.lr, targets=targets, probe_triggers=a.probe_triggers)
         mitigated, mrep = mitigate(model, train_set, task, report=report, config=mcfg, holdout=hold, device=device,
                                    progress=bar)
     finally:
@@ -188,9 +190,10 @@ def _add_mitigate(p: argparse.ArgumentParser) -> None:
                    help="fraction of D_be held back to measure clean error before/after (never trained on)")
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps on D_be + D_rp (default 300)")
     p.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (default 1e-4)")
-    p.add_argument("--targets", choices=["teacher", "labels"], default="teacher",
-                   help="what the fine-tuning fits: the model's own outputs on the clean images (teacher, default: "
-                        "clean error barely moves) or the benign set's labels (labels, the paper's reading)")
+    p.add_argument("--targets", choices=["teacher", "labels"], default=None,
+                   help="what the fine-tuning fits: the model's own outputs on the clean images (teacher, the "
+                        "default: clean error barely moves) or the benign set's labels (labels, the paper's reading "
+                        "and the default with --profile paper)")
     p.add_argument("--probe-triggers", choices=["flagged", "decisive"], default="flagged",
                    help="which probes' reversed triggers join D_rp: every probe below the threshold (flagged, "
                         "default) or the best one only (decisive)")

@@ -373,6 +373,7 @@ class MitigationReport:
     steps: int
     seconds: float
     triggers: list[str]
+    targets: str = "teacher"  # what the fine-tuning fitted (MitigationConfig.targets)
 
     @property
     def clean_error_increase(self) -> float:
@@ -382,6 +383,16 @@ class MitigationReport:
         d = asdict(self)
         d["clean_error_increase"] = self.clean_error_increase
         return d
+
+
+def mitigation_config(config: MitigationConfig | None, report: ScanReport | None) -> MitigationConfig:
+    """The mitigation settings: ``config`` when given; otherwise the default, except after a ``paper``-profile scan,
+    which mitigates as the paper does (D_be and D_rp with their annotations, ``targets="labels"``)."""
+    if config is not None:
+        return config
+    if report is not None and report.profile == "paper":
+        return MitigationConfig(targets="labels")
+    return MitigationConfig()
 
 
 def _reversed_inputs(report: ScanReport, model: nn.Module, probe_triggers: str = "decisive") -> list[tuple[str, Callable]]:
@@ -438,7 +449,7 @@ def mitigate(
     with the *true* labels). ``benign`` must carry labels. ``holdout`` (labels too) measures clean error before
     and after and is never trained on (defaults to D_be itself)."""
     task = Task.parse(task)
-    cfg = config or MitigationConfig()
+    cfg = mitigation_config(config, report)
     if benign.labels is None:
         raise DataError("mitigation needs labels in the benign set ('labels', (N, d) in degrees)")
     dev = torch.device(device)
@@ -517,6 +528,7 @@ def mitigate(
         steps=cfg.steps,
         seconds=time.perf_counter() - t0,
         triggers=[t[0] for t in transforms],
+        targets=cfg.targets,
     )
 
 
@@ -529,6 +541,7 @@ __all__ = [
     "BENIGN",
     "MitigationConfig",
     "MitigationReport",
+    "mitigation_config",
     "ScanConfig",
     "ScanProgress",
     "ScanReport",

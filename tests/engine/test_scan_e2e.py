@@ -65,3 +65,4 @@ def test_mitigation_removes_the_backdoor_and_keeps_clean_error(scanned: dict[str
     assert dae_after < 3 * p.backdoored_metrics["re"]  # poisoned inputs get (roughly) their true labels
     assert clean_after < 1.3 * p.backdoored_metrics["re"]
     assert mrep.train_size == len(scanned["train"]) and mrep.holdout_size == len(scanned["hold"])
+    assert mrep.targets == "teacher" and mrep.to_dict()["targets"] == "teacher"

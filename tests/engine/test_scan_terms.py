@@ -137,6 +137,22 @@ def test_smooth_probe_is_bounded_low_frequency_and_spares_the_excluded_region() 
     assert float((d[..., :, 1:] - d[..., :, :-1]).abs()[..., 8:, :].max()) <= 2 * 0.1 / 5 + 1e-6
 
 
+def test_mitigation_follows_the_scan_profile_unless_configured() -> None:
+    from dataclasses import replace
+
+    from drmguard_engine.scan import MitigationConfig, mitigation_config
+
+    r = scan(_Linear(), BenignSet(torch.rand(8, 3, 8, 8), None), "gaze", "fast")
+    assert mitigation_config(None, r).targets == "teacher"  # ours: the model's own clean outputs
+    assert mitigation_config(None, replace(r, profile="paper")).targets == "labels"  # the paper's annotations
+    explicit = MitigationConfig(targets="teacher", steps=7)
+    assert mitigation_config(explicit, replace(r, profile="paper")) is explicit
+    with pytest.raises(ConfigError):
+        MitigationConfig(targets="soft")
+    with pytest.raises(ConfigError):
+        MitigationConfig(probe_triggers="all")
+
+
 def test_config_validation_and_profiles() -> None:
     with pytest.raises(ConfigError):
         DRMGuardConfig(epsilon=0.0)
