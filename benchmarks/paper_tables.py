@@ -112,7 +112,6 @@ class Bench:
         n_benign: int,
         paper_steps: int,
         baseline_steps: int | None,
-        legacy_cache: Path | None,
         cache: Path | None = None,
         paper_models: int = 2,
         quick: bool,
@@ -129,7 +128,6 @@ class Bench:
         self.paper_steps, self.baseline_steps = paper_steps, baseline_steps
         self.paper_models = paper_models
         self.cache = Cache(cache or out / "cache")
-        self.legacy = legacy_cache
         self._sets: dict[tuple[str, int, int, int], BenignSet] = {}
 
     # ------------------------------------------------------------------------------------------ data & models
@@ -191,44 +189,11 @@ class Bench:
             cfg = get_profile(name, task, **{"steps": 30, "probe_steps": 30, **over})
         return cfg
 
-    def _legacy_reverse(self, e: dict[str, Any], dg: dict[str, Any], n: int) -> dict[str, Any] | None:
-        """A report cached by ``scan_tables.py`` for the same model and identical DRMGuard settings."""
-        if self.legacy is None or n != 400:
-            return None
-        k = hashlib.sha256(json.dumps([e["sha"], "default", {}, n, BENIGN_SEED], sort_keys=True).encode())
-        path = self.legacy / f"{k.hexdigest()[:16]}.json"
-        if not path.exists():
-            return None
-        rep = json.loads(path.read_text())
-        # options added since that scan ran take their defaults (which reproduce the old behaviour)
-        from dataclasses import asdict
-
-        from drmguard_engine.defenses.drmguard import DRMGuardConfig
-
-        defaults = json.loads(json.dumps(asdict(DRMGuardConfig()), default=float))
-        old = rep.get("config", {}).get("drmguard", {})
-        if {k: old.get(k, defaults.get(k)) for k in dg} != dg:
-            return None
-        # older reports lack drmguard_target: their estimated_target is the best available (it only matters when
-        # the reverse engineering decides, which it never did in those scans)
-        rep.setdefault("drmguard_target", rep["estimated_target"])
-        return {
-            k: rep[k]
-            for k in ("perturbation_ratio", "output_variance_ratio", "rav", "rnv", "drmguard_target")
-        } | {
-            "seconds": rep["timings"]["reverse"]
-            + rep["timings"].get("attention", 0.0)
-            + rep["timings"].get("pretrain", 0.0)
-        }
-
     def reverse(self, e: dict[str, Any], cfg: ScanConfig, n: int) -> dict[str, Any]:
         dg = json.loads(json.dumps(cfg.to_dict()["drmguard"], default=float))
         key = ["reverse", e["sha"], dg, n, BENIGN_SEED]
 
         def compute() -> dict[str, Any]:
-            legacy = self._legacy_reverse(e, dg, n)
-            if legacy is not None:
-                return legacy
             return self._run_reverse(e, cfg, n, key)
 
         return self.cache.get_or(key, compute)
@@ -319,8 +284,8 @@ class Bench:
 
     def cached_report(self, e: dict[str, Any]) -> ScanReport:
         """The default scan's report of a model, rebuilt from the cached components with its reversed triggers (the
-        generator and the probes' transforms), as ``mitigate`` needs it; components cached without their weights
-        (reused from ``scan_tables.py``) are computed again."""
+        generator and the probes' transforms), as ``mitigate`` needs it; a component cached without its weights
+        is computed again."""
         from dataclasses import asdict
 
         from drmguard_engine.defenses.drmguard import ReverseResult
@@ -908,12 +873,6 @@ def main(argv: list[str] | None = None) -> int:
         "--ablation-models", type=int, default=2, help="benign and backdoored models per task in ablations"
     )
     p.add_argument(
-        "--legacy-cache",
-        type=Path,
-        default=ROOT / ".bench" / "scan" / "cache",
-        help="scan_tables.py's cache, reused where its settings are identical",
-    )
-    p.add_argument(
         "--cache",
         type=Path,
         default=ROOT / ".bench" / "paper-tables-cache",
@@ -951,7 +910,6 @@ def main(argv: list[str] | None = None) -> int:
         n_benign=a.n_benign,
         paper_steps=a.paper_steps,
         baseline_steps=a.baseline_steps,
-        legacy_cache=a.legacy_cache,
         cache=a.cache,
         paper_models=a.paper_models,
         quick=a.quick,

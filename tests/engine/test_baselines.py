@@ -47,30 +47,16 @@ def _set(x: np.ndarray, y: np.ndarray) -> BenignSet:
 @functools.lru_cache(maxsize=1)
 def _pair() -> tuple[nn.Module, nn.Module, object, BenignSet, BenignSet]:
     xtr, ytr = make_dataset(TASK, 1000, size=SIZE, seed=0)
-    clean = train(
-        build_model("resnet18", TASK, input_size=SIZE, width=0.25, seed=0),
-        xtr,
-        ytr,
-        task=TASK,
-        steps=300,
-        lr=3e-3,
-        batch_size=64,
-        seed=0,
-    )
+
+    def fit(seed: int, attack: object = None) -> nn.Module:
+        model = build_model("resnet18", TASK, input_size=SIZE, width=0.25, seed=seed)
+        return train(model, xtr, ytr, task=TASK, steps=300, lr=3e-3, batch_size=64, seed=seed, attack=attack)
+
+    clean = fit(0)
     attack = get_attack(
         "badnets", task=TASK, image_shape=(3, SIZE, SIZE), seed=0, poison_rate=0.2, patch_size=4
     )
-    bd = train(
-        build_model("resnet18", TASK, input_size=SIZE, width=0.25, seed=1),
-        xtr,
-        ytr,
-        task=TASK,
-        steps=300,
-        lr=3e-3,
-        batch_size=64,
-        seed=1,
-        attack=attack,
-    )
+    bd = fit(1, attack)
     benign = _set(*make_dataset(TASK, 100, size=SIZE, seed=1))
     holdout = _set(*make_dataset(TASK, 100, size=SIZE, seed=3))
     return clean.eval(), bd.eval(), attack, benign, holdout
