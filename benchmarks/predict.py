@@ -165,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="scan profile for the admission scan and the background scan (default fast: the scans "
                          "only admit the model and load the CPU; Predict is what is measured)")
     ap.add_argument("--skip-scan", action="store_true", help="skip the Predict-while-scanning measurement")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                    help="extra drmguard-server argument for the started server (repeatable), e.g. "
+                         "--server-arg=--inference-spinning")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the raw results as JSON")
     args = ap.parse_args(argv)
     # SystemExit on SIGTERM unwinds through ``finally``: the server this script started is stopped too.
@@ -181,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.server is None:
             from guard_server.demo import ServerProcess
 
-            server = ServerProcess(work / "data", device="cpu", extra=("--scan-threads", "1"))
+            server = ServerProcess(work / "data", device="cpu", extra=("--scan-threads", "1", *args.server_arg))
             server.wait_serving(timeout=90)
             address = server.address
         else:

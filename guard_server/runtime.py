@@ -78,8 +78,11 @@ def resolve_providers(requested: tuple[str, ...] | list[str]) -> list[str]:
 
 
 def load_session(name: str, version: str, sha256: str, data: bytes, *, providers: list[str],
-                 cache_dir: Path | None = None, intra_threads: int = 0) -> LoadedModel:
+                 cache_dir: Path | None = None, intra_threads: int = 0, spinning: bool = True) -> LoadedModel:
     """Builds a session from bytes and runs one warm-up inference on zeros.
+
+    ``spinning=False`` sets ``session.intra_op.allow_spinning=0``: ORT's worker threads then sleep between runs
+    instead of busy-waiting, which leaves the cores to the gRPC threads (and to scans) on a small CPU.
 
     Raises:
         RuntimeError: the session cannot be built or the warm-up fails (the version is then not served).
@@ -88,6 +91,8 @@ def load_session(name: str, version: str, sha256: str, data: bytes, *, providers
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if intra_threads:
         opts.intra_op_num_threads = intra_threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     provider_options: list[dict[str, str]] = []
     for p in providers:
         if p == "TensorrtExecutionProvider" and cache_dir is not None:

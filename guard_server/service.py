@@ -576,7 +576,8 @@ class GuardCore:
         if hashlib.sha256(data).hexdigest() != row.sha256:
             raise UnavailableError(f"{name}:{version}: stored bytes do not match their sha256; re-vet the model")
         lm = load_session(name, version, row.sha256, data, providers=self.providers,
-                          cache_dir=self.store.dir / "trt-cache")
+                          cache_dir=self.store.dir / "trt-cache", intra_threads=self.settings.inference_threads,
+                          spinning=self.settings.inference_spinning)
         if self.settings.require_gpu and lm.provider == "CPUExecutionProvider":
             raise UnavailableError(f"{name}:{version} would run on the CPU and require_gpu is set")
         logger.info("loaded %s:%s on %s", name, version, lm.provider)

@@ -41,6 +41,8 @@ class ServerSettings:
     queue_size: int = 16  # scans waiting for a worker; more -> RESOURCE_EXHAUSTED
     scan_threads: int = 0  # torch threads per scan process; 0 = torch's default
     grpc_threads: int = 32
+    inference_threads: int = 0  # ONNX Runtime intra-op threads per served session; 0 = ORT's default (all cores)
+    inference_spinning: bool = False  # ORT worker threads busy-wait between runs (off: they yield the core)
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""  # set -> mutual TLS (client certificates required)
@@ -66,6 +68,8 @@ class ServerSettings:
             raise ValueError(f"tolerance must be in [0, 10] (a fraction; 0.1 = 10%), got {self.tolerance}")
         if not 0.05 <= self.holdout_fraction <= 0.5:
             raise ValueError(f"holdout_fraction must be in [0.05, 0.5], got {self.holdout_fraction}")
+        if self.inference_threads < 0:
+            raise ValueError(f"inference_threads must be >= 0 (0 = ONNX Runtime's default), got {self.inference_threads}")
         if self.queue_size < 1 or self.max_batch < 1 or self.workers < 0 or self.grpc_threads < 4:
             raise ValueError("queue_size and max_batch must be >= 1, workers >= 0, grpc_threads >= 4")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -153,6 +153,31 @@ def test_mitigation_follows_the_scan_profile_unless_configured() -> None:
         MitigationConfig(probe_triggers="all")
 
 
+def test_refreshed_probe_triggers_change_the_unlearning_but_not_the_report() -> None:
+    from drmguard_engine.scan import MitigationConfig, mitigate
+
+    g = torch.Generator().manual_seed(0)
+    benign = BenignSet(torch.rand(16, 3, 8, 8, generator=g), torch.randn(16, 2, generator=g))
+    r = scan(_Linear(), benign, "gaze", get_profile("fast", "gaze", steps=5, probe_steps=5))
+    flagged = [p for p in r.probe_results if p.transform is not None]
+    assert flagged
+    before = [{k: v.clone() for k, v in p.transform.state_dict().items()} for p in flagged]
+    # every probe below the threshold joins D_rp; a huge threshold makes all of them join (whatever they found)
+    r.config["probe_threshold"] = 1e9
+    outs = {}
+    for every in (0, 1):
+        cfg = MitigationConfig(steps=4, refresh_every=every, refresh_steps=3, lr=1e-2)
+        m, rep = mitigate(_Linear(), benign, "gaze", report=r, config=cfg)
+        outs[every] = m.head.weight.detach().clone()
+        assert rep.steps == 4
+    assert not torch.equal(outs[0], outs[1])  # the refreshed D_rp trained the model differently
+    for p, sd in zip(flagged, before, strict=True):  # the report's own triggers are as scanned
+        for k, v in p.transform.state_dict().items():
+            assert torch.equal(v, sd[k]), k
+    with pytest.raises(ConfigError):
+        MitigationConfig(refresh_every=-1)
+
+
 def test_config_validation_and_profiles() -> None:
     with pytest.raises(ConfigError):
         DRMGuardConfig(epsilon=0.0)

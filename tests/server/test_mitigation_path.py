@@ -1,0 +1,106 @@
+"""A really backdoored model through the service: rejected, or mitigated, re-scanned clean and only then served.
+
+The model pair is the engine's end-to-end fixture (``tests/tiny_models.py``: ResNet18 x0.25 at 64 px, really trained,
+one with a BadNets backdoor), shared with the engine tests within a pytest session. The servers are real (loopback
+gRPC, SQLite, scan subprocesses, ONNX Runtime); the scans use the ``fast`` profile.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import vet_requests, wait_final
+
+from drmguard_engine.tasks import regression_error
+from guard_api.drmguard.v1 import guard_pb2 as pb
+from guard_api.drmguard.v1 import guard_pb2_grpc as pb_grpc
+from tests.tiny_models import tiny_pair
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+def _predict(stub: pb_grpc.GuardStub, name: str, x: np.ndarray, version: str = "") -> np.ndarray:
+    t = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=list(x.shape), data=np.ascontiguousarray(x, "<f4").tobytes())
+    r = stub.Predict(pb.PredictRequest(name=name, version=version, input=t))
+    return np.frombuffer(r.output.data, "<f4").reshape(tuple(r.output.shape))
+
+
+def _predict_code(stub: pb_grpc.GuardStub, name: str, x: np.ndarray, version: str = "") -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as ei:
+        _predict(stub, name, x, version)
+    return ei.value.code()
+
+
+def _ae(out: np.ndarray, target: object) -> float:
+    import torch
+
+    return regression_error("gaze", torch.from_numpy(np.array(out)), target.view(1, -1))  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def pair():  # type: ignore[no-untyped-def]
+    p = tiny_pair("gaze")
+    assert p.backdoored_metrics["ae"] < 0.5 * p.backdoored_metrics["re"], "the fixture's backdoor is in"
+    return p
+
+
+def test_backdoored_model_is_rejected_when_mitigation_is_off(make_server, pair, tmp_path) -> None:
+    srv = make_server(data_dir=tmp_path / "off", allow_mitigated=False)
+    stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))
+    r = stub.VetModel(vet_requests("cabin", "1", pair.onnx("backdoored"), pair.benign_npz()))
+    s = wait_final(stub, r.scan_id, timeout=300)
+    assert s.state == pb.STATE_REJECTED and s.verdict == pb.VERDICT_BACKDOORED, s.reason
+    assert not s.mitigated and s.admitted_version == ""
+    x = pair.test.images[:4].numpy()
+    assert _predict_code(stub, "cabin", x) == grpc.StatusCode.NOT_FOUND
+    assert _predict_code(stub, "cabin", x, version="1") == grpc.StatusCode.NOT_FOUND
+    (m,) = stub.ListModels(pb.ListModelsRequest(name="cabin")).models
+    assert m.served_version == "" and not any(v.served for v in m.versions)
+
+
+def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(make_server, pair, tmp_path) -> None:
+    srv = make_server(data_dir=tmp_path / "on")
+    stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))
+    bd_bytes = pair.onnx("backdoored")
+    r = stub.VetModel(vet_requests("cabin", "1", bd_bytes, pair.benign_npz()))
+    x = pair.test.images.numpy()
+    states = []
+    for ev in stub.WatchScan(pb.WatchScanRequest(scan_id=r.scan_id), timeout=500):
+        if ev.state not in states:
+            states.append(ev.state)
+            if ev.state == pb.STATE_MITIGATING:  # found backdoored, not yet re-scanned: nothing is served
+                assert _predict_code(stub, "cabin", x[:2]) == grpc.StatusCode.NOT_FOUND
+    assert states[-1] == pb.STATE_ADMITTED and pb.STATE_MITIGATING in states, states
+
+    s = wait_final(stub, r.scan_id)
+    assert s.verdict == pb.VERDICT_BACKDOORED and s.mitigated and s.admitted_version == "1-mitigated", s.reason
+    rescan = json.loads(s.rescan_report_json)
+    assert rescan["verdict"] == "benign"
+    assert s.clean_error_after <= 1.10 * s.clean_error_before + 1e-6  # the tolerance was applied
+    mit = json.loads(s.mitigation_report_json)
+    assert mit["train_size"] + mit["holdout_size"] == len(pair.benign)
+
+    (m,) = stub.ListModels(pb.ListModelsRequest(name="cabin")).models
+    assert m.served_version == "1-mitigated"
+    versions = {v.version: v for v in m.versions}
+    assert versions["1-mitigated"].mitigated and versions["1-mitigated"].parent_version == "1"
+    assert versions["1-mitigated"].served and not versions["1"].served
+
+    # The submitted (backdoored) bytes are never served, not even when asked for by version.
+    assert _predict_code(stub, "cabin", x[:2], version="1") in (grpc.StatusCode.NOT_FOUND,
+                                                               grpc.StatusCode.FAILED_PRECONDITION)
+    # What is served no longer obeys the trigger, and still does the task.
+    target = pair.attack.target
+    poisoned = pair.attack.apply(pair.test.images).numpy()
+    bare = ort.InferenceSession(bd_bytes, providers=["CPUExecutionProvider"])
+    ae_before = _ae(bare.run(None, {"input": poisoned})[0], target)
+    ae_after = _ae(_predict(stub, "cabin", poisoned), target)
+    assert ae_after > 3 * ae_before, (ae_before, ae_after)
+    import torch
+
+    clean_after = regression_error("gaze", torch.from_numpy(np.array(_predict(stub, "cabin", x))), pair.test.labels)
+    assert clean_after < 1.3 * pair.backdoored_metrics["re"]
