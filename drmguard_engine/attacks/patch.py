@@ -123,10 +123,11 @@ class CleanLabelConfig(PatchConfig):
     """Clean Label (regression form).
 
     Attributes:
-        group_fraction: share of the training set in the target group (sets delta when ``delta`` is None). 0.15
+        group_fraction: share of the training set in the target group (sets delta when ``delta`` is None). 0.20
             by default: at 5% (the notes' "a few percent") with PGD at 8/255 the backdoor did not implant in 1,500
-            steps at 64 px (gaze AE 18.5 deg against clean RE 3.6); at 15% with 24/255 it did (gaze AE 6.9,
-            head pose 4.4, clean RE unchanged). docs/attacks.md has the measurements.
+            steps at 64 px (gaze AE 18.5 deg against clean RE 3.6); at 15% with 24/255 gaze sat on the edge (AE
+            7.9 against RE 3.9 on the zoo's test set), at 20% it implanted with a margin (AE 4.7, RE 4.0).
+            docs/attacks.md has the measurements.
         delta: explicit group radius ||y - y_T||_2 in degrees (overrides ``group_fraction``).
         pgd_fraction: share of the group replaced by PGD adversarial images (paper: half).
         pgd_eps, pgd_step, pgd_steps: L_inf PGD budget, step and steps (BackdoorBox LC: 8/255, 1.5/255, 100;
@@ -135,7 +136,7 @@ class CleanLabelConfig(PatchConfig):
         poison_rate: unused (the group decides what is poisoned); kept for the shared interface.
     """
 
-    group_fraction: float = 0.15
+    group_fraction: float = 0.20
     delta: float | None = None
     pgd_fraction: float = 0.5
     pgd_eps: float = 24 / 255
