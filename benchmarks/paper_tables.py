@@ -395,6 +395,9 @@ class Bench:
             d = get_defense(method)
             cfg = _defense_config(d, self.baseline_steps) if self.quick else _defense_config(d, None)
         cfg_dict = json.loads(json.dumps(getattr(cfg, "__dict__", {}), default=str))
+        if isinstance(cfg, MitigationConfig) and not cfg.refresh_every:
+            # refresh off runs exactly the computation cached before the refresh settings existed
+            cfg_dict = {k: v for k, v in cfg_dict.items() if k not in ("refresh_every", "refresh_steps")}
         key = ["mitigate", method, e["sha"], self.n_benign, BENIGN_SEED, HOLDOUT_SEED, cfg_dict]
 
         def compute() -> dict[str, Any]:
