@@ -165,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="scan profile for the admission scan and the background scan (default fast: the scans "
                          "only admit the model and load the CPU; Predict is what is measured)")
     ap.add_argument("--skip-scan", action="store_true", help="skip the Predict-while-scanning measurement")
+    ap.add_argument("--input-dtype", choices=["float32", "uint8"], default="float32",
+                    help="what Predict sends: float32 in [0,1] (default) or the same images as uint8 0-255, 4x "
+                         "smaller on the wire (the bare session always gets float32)")
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                     help="extra drmguard-server argument for the started server (repeatable), e.g. "
                          "--server-arg=--inference-spinning")
@@ -212,9 +215,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results.append(measure(lambda xb=xb: sess.run(None, {in_name: xb}), clients=clients,
                                        seconds=args.seconds, warmup=warm, target="ort", batch=batch))
 
-                def setup(xb: np.ndarray = xb) -> Callable[[], Any]:
+                xs = (xb * 255.0).round().astype(np.uint8) if args.input_dtype == "uint8" else xb
+
+                def setup(xs: np.ndarray = xs) -> Callable[[], Any]:
                     cl = GuardClient(address, timeout=60)
-                    return lambda: cl.predict(MODEL_NAME, xb, version=version)
+                    return lambda: cl.predict(MODEL_NAME, xs, version=version)
 
                 results.append(measure(lambda: None, clients=clients, seconds=args.seconds, warmup=warm,
                                        target="predict", batch=batch, setup=setup))
@@ -250,7 +255,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\nload average before/after: {load_before[0]:.1f} / {load[0]:.1f} (1 min), "
               f"{os.cpu_count()} CPUs")
         print(f"\n## Predict vs bare ONNX Runtime ({platform.processor() or platform.machine()}, "
-              f"{args.arch} x{args.width}, {args.size}x{args.size}, {args.seconds:.0f} s per row)\n")
+              f"{args.arch} x{args.width}, {args.size}x{args.size}, Predict input {args.input_dtype}, "
+              f"{args.seconds:.0f} s per row)\n")
         print(table(results))
         print(f"\nmax |Predict - ORT| on a batch of 32: {diff:.2e}; first scan took {scan_s:.0f} s")
         if during:

@@ -42,7 +42,9 @@ class ServerSettings:
     scan_threads: int = 0  # torch threads per scan process; 0 = torch's default
     grpc_threads: int = 32
     inference_threads: int = 0  # ONNX Runtime intra-op threads per served session; 0 = ORT's default (all cores)
-    inference_spinning: bool = False  # ORT worker threads busy-wait between runs (off: they yield the core)
+    # ORT worker threads busy-wait between runs (ORT's default). Measured on 2 cores (docs/benchmarks-predict.md):
+    # off costs +0.5 ms at batch 1 (thread wake-up) and gains nothing at batch 32
+    inference_spinning: bool = True
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""  # set -> mutual TLS (client certificates required)
