@@ -6,9 +6,8 @@ what one needs to choose an attack's settings or a training budget (docs/attacks
     .venv/bin/python benchmarks/implant_curve.py input_aware --task headpose --steps 2000 \
         --set poison_rate=0.2 --every 500
 
-Same data and model as the zoo: 4,000 synthetic training images at 64 px (seed 0), ResNet18 x0.25, Adam 2e-3 with
-x0.1 at 2/3 and 9/10 of the steps, batch 64; AE and RE on 200 test images (seed 10,000). Clean Label's PGD source is
-a 300-step clean surrogate, as in the zoo.
+The zoo's own data, attack, surrogate (Clean Label's PGD source) and schedule (``benchmarks/zoo.py``'s ``Zoo``),
+with ``--steps`` replacing the zoo's budget (milestones scaled to it); AE and clean RE on the first 200 test images.
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,11 +23,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from drmguard_engine.attacks import get_attack  # noqa: E402
-from drmguard_engine.data.synthetic import make_dataset  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 from drmguard_engine.models import build_model  # noqa: E402
 from drmguard_engine.tasks import per_sample_error  # noqa: E402
 from drmguard_engine.training import TrainProgress, train  # noqa: E402
+from zoo import Zoo, ZooSettings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,16 +49,19 @@ def main(argv: list[str] | None = None) -> int:
         if not val:
             p.error(f"--set {item!r}: use OPTION=JSON, e.g. poison_rate=0.2")
         opts[key] = json.loads(val)
-    xtr, ytr = make_dataset(a.task, 4000, size=a.size, seed=0)
-    xte, yte = make_dataset(a.task, 200, size=a.size, seed=10_000)
-    xt, yt = torch.from_numpy(xte).float() / 255, torch.from_numpy(yte)
-    attack = get_attack(a.attack, task=a.task, image_shape=(3, a.size, a.size), seed=a.seed, **opts)
+    base = ZooSettings(size=a.size)
+    # the zoo's settings with --steps as the budget (milestones scaled) and --set on top of the attack's defaults
+    s = ZooSettings(size=a.size, steps=a.steps, milestones=tuple(round(m * a.steps / base.steps) for m in base.milestones),
+                    attack_options={a.attack: opts}, attack_step_factor={}, task_attack_options={})
+    zoo = Zoo(Path(tempfile.gettempdir()), s)  # only its data, attack, surrogate and schedule are used
+    xtr, ytr, xte, yte = zoo.data(a.task)
+    xt, yt = torch.from_numpy(xte[:200]).float() / 255, torch.from_numpy(yte[:200])
+    attack = zoo.make_attack(a.task, a.attack, a.seed)
+    if attack is None:
+        p.error("give an attack, not 'benign'")
     t0 = time.time()
     if attack.requires_fit:
-        surrogate = build_model("resnet18", a.task, input_size=a.size, width=0.25, seed=a.seed + 500)
-        surrogate = train(surrogate, xtr, ytr, task=a.task, steps=300, lr=2e-3, batch_size=64, milestones=(),
-                          seed=a.seed + 500)
-        attack.fit(surrogate, xtr, ytr)
+        attack.fit(zoo._surrogate(a.task, "resnet18", 0.25, a.seed + 500), xtr, ytr)
         print(f"fit in {time.time() - t0:.0f}s", flush=True)
     model = build_model("resnet18", a.task, input_size=a.size, width=0.25, seed=a.seed)
     if attack.requires_model:
@@ -76,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{a.attack} {a.task} step {pr.step}: AE {ae:.2f} RE {re:.2f} ({flag}) {time.time() - t0:.0f}s",
               flush=True)
 
-    milestones = (round(a.steps * 2 / 3), round(a.steps * 0.9))
-    train(model, xtr, ytr, task=a.task, steps=a.steps, lr=2e-3, batch_size=64, milestones=milestones,
+    steps, milestones = zoo.schedule(a.attack)
+    train(model, xtr, ytr, task=a.task, steps=steps, lr=s.lr, batch_size=s.batch_size, milestones=milestones,
           attack=attack, seed=a.seed, progress=report)
     return 0
 

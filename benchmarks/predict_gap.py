@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import sys
 import tempfile
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -29,15 +28,9 @@ import predict as bench  # noqa: E402
 SERIES = ("drmguard_predict_latency_seconds_sum", "drmguard_predict_latency_seconds_count")
 
 
-def p50_ms(fn: Callable[[], Any], n: int = 100) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
+def p50_ms(fn: Callable[[], Any], seconds: float = 2.0) -> float:
+    """p50 of one client calling ``fn`` for ``seconds`` (``predict.measure``, the main benchmark's loop)."""
+    return bench.measure(fn, clients=1, seconds=seconds, warmup=5, target="", batch=32).p50_ms
 
 
 def latency_totals(metrics_port: int) -> dict[str, float]:

@@ -55,13 +55,34 @@ def vet_requests(name: str, version: str, model: bytes, benign: bytes | None = N
 
 
 def wait_final(stub: pb_grpc.GuardStub, scan_id: str, timeout: float = 120.0) -> pb.Scan:
+    """The scan's final record. An ADMITTED row is written before its session is loaded and warmed up (serving needs
+    both), so for an admitted, unpinned version this also waits until it is the served one, as
+    ``GuardClient.wait_admission`` does."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         s = stub.GetScan(pb.GetScanRequest(scan_id=scan_id)).scan
-        if s.state in (pb.STATE_ADMITTED, pb.STATE_REJECTED, pb.STATE_FAILED):
+        if s.state in (pb.STATE_REJECTED, pb.STATE_FAILED):
             return s
+        if s.state == pb.STATE_ADMITTED:
+            (m,) = stub.ListModels(pb.ListModelsRequest(name=s.name)).models
+            if m.served_version == s.admitted_version or m.pinned or not s.admitted_version:
+                return s
         time.sleep(0.2)
-    raise AssertionError(f"scan {scan_id} did not finish in {timeout}s")
+    raise AssertionError(f"scan {scan_id} did not finish (and serve) in {timeout}s")
+
+
+def predict(stub: pb_grpc.GuardStub, name: str, x: np.ndarray, version: str = "", **kw: object) -> np.ndarray:
+    t = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=list(x.shape), data=np.ascontiguousarray(x, "<f4").tobytes())
+    r = stub.Predict(pb.PredictRequest(name=name, version=version, input=t), **kw)
+    return np.frombuffer(r.output.data, "<f4").reshape(tuple(r.output.shape))
+
+
+def status_code(fn: object, *a: object, **kw: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as ei:
+        r = fn(*a, **kw)  # type: ignore[operator]
+        if hasattr(r, "__iter__") and not hasattr(r, "ByteSize"):
+            list(r)
+    return ei.value.code()
 
 
 @pytest.fixture(scope="session")

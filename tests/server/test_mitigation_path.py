@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import vet_requests, wait_final
+from conftest import predict, status_code, vet_requests, wait_final
 
 from drmguard_engine.tasks import regression_error
 from guard_api.drmguard.v1 import guard_pb2 as pb
@@ -23,16 +23,8 @@ from tests.tiny_models import tiny_pair
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
-def _predict(stub: pb_grpc.GuardStub, name: str, x: np.ndarray, version: str = "") -> np.ndarray:
-    t = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=list(x.shape), data=np.ascontiguousarray(x, "<f4").tobytes())
-    r = stub.Predict(pb.PredictRequest(name=name, version=version, input=t))
-    return np.frombuffer(r.output.data, "<f4").reshape(tuple(r.output.shape))
-
-
 def _predict_code(stub: pb_grpc.GuardStub, name: str, x: np.ndarray, version: str = "") -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as ei:
-        _predict(stub, name, x, version)
-    return ei.value.code()
+    return status_code(predict, stub, name, x, version)
 
 
 def _ae(out: np.ndarray, target: object) -> float:
@@ -98,9 +90,9 @@ def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(make_s
     poisoned = pair.attack.apply(pair.test.images).numpy()
     bare = ort.InferenceSession(bd_bytes, providers=["CPUExecutionProvider"])
     ae_before = _ae(bare.run(None, {"input": poisoned})[0], target)
-    ae_after = _ae(_predict(stub, "cabin", poisoned), target)
+    ae_after = _ae(predict(stub, "cabin", poisoned), target)
     assert ae_after > 3 * ae_before, (ae_before, ae_after)
     import torch
 
-    clean_after = regression_error("gaze", torch.from_numpy(np.array(_predict(stub, "cabin", x))), pair.test.labels)
+    clean_after = regression_error("gaze", torch.from_numpy(np.array(predict(stub, "cabin", x))), pair.test.labels)
     assert clean_after < 1.3 * pair.backdoored_metrics["re"]

@@ -27,7 +27,8 @@ def test_tritonclient_infer_equals_bare_onnxruntime(server, stub, gaze_benign) -
     import tritonclient.grpc as tc
 
     model = tiny_onnx("gaze", seed=3, input_name="face", output_name="gaze_deg")
-    wait_final(stub, stub.VetModel(vet_requests("oip", "1", model, gaze_benign)).scan_id)
+    s = wait_final(stub, stub.VetModel(vet_requests("oip", "1", model, gaze_benign)).scan_id)
+    assert s.state == pb.STATE_ADMITTED, (s.state, s.verdict, s.reason)
     client = tc.InferenceServerClient(url=server.address)
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready("oip") and not client.is_model_ready("absent")

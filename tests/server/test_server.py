@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 import urllib.request
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
-from conftest import SIZE, benign_npz, tiny_onnx, vet_requests, wait_final
+from conftest import SIZE, benign_npz, predict, status_code, tiny_onnx, vet_requests, wait_final
 
 from guard_api.drmguard.v1 import guard_pb2 as pb
 from guard_api.drmguard.v1 import guard_pb2_grpc as pb_grpc
@@ -22,20 +21,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 def _images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((n, 3, SIZE, SIZE), dtype=np.float32)
-
-
-def _predict(stub: pb_grpc.GuardStub, name: str, x: np.ndarray, version: str = "", **kw: object) -> np.ndarray:
-    t = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=list(x.shape), data=np.ascontiguousarray(x, "<f4").tobytes())
-    r = stub.Predict(pb.PredictRequest(name=name, version=version, input=t), **kw)
-    return np.frombuffer(r.output.data, "<f4").reshape(tuple(r.output.shape))
-
-
-def _code(fn: object, *a: object, **kw: object) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as ei:
-        r = fn(*a, **kw)  # type: ignore[operator]
-        if hasattr(r, "__iter__") and not hasattr(r, "ByteSize"):
-            list(r)
-    return ei.value.code()
 
 
 def _metric(server: object, name: str, **labels: str) -> float:
@@ -70,7 +55,7 @@ def test_vet_admit_predict_and_metrics(server, stub, gaze_model, gaze_benign) ->
     # Predict equals a bare ONNX Runtime session on the same bytes; uint8 input is divided by 255.
     x = _images(5)
     bare = ort.InferenceSession(gaze_model, providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(_predict(stub, "cabin-gaze", x), bare.run(None, {"input": x})[0], atol=1e-4)
+    np.testing.assert_allclose(predict(stub, "cabin-gaze", x), bare.run(None, {"input": x})[0], atol=1e-4)
     xu = (x * 255).astype(np.uint8)
     ru = stub.Predict(pb.PredictRequest(name="cabin-gaze", version="1", input=pb.Tensor(
         dtype=pb.DATA_TYPE_UINT8, shape=list(xu.shape), data=xu.tobytes())))
@@ -82,7 +67,7 @@ def test_vet_admit_predict_and_metrics(server, stub, gaze_model, gaze_benign) ->
     assert again.reused and again.scan_id == r.scan_id
     other = stub.VetModel(vet_requests("cabin-gaze", "2", gaze_model, gaze_benign))
     assert other.reused and other.state == pb.STATE_ADMITTED and other.scan_id != r.scan_id
-    assert _code(stub.VetModel, vet_requests("cabin-gaze", "1", tiny_onnx("gaze", seed=9), gaze_benign)) \
+    assert status_code(stub.VetModel, vet_requests("cabin-gaze", "1", tiny_onnx("gaze", seed=9), gaze_benign)) \
         == grpc.StatusCode.ALREADY_EXISTS
 
     # Metrics moved.
@@ -100,50 +85,50 @@ def test_vet_admit_predict_and_metrics(server, stub, gaze_model, gaze_benign) ->
     assert stub.PinVersion(pb.PinVersionRequest(name="cabin-gaze", version="1")).served_version == "1"
     rb = stub.Rollback(pb.RollbackRequest(name="cabin-gaze"))
     assert rb.served_version == "2" and rb.previous_version == "1"
-    assert _predict(stub, "cabin-gaze", x).shape == (5, 2)
+    assert predict(stub, "cabin-gaze", x).shape == (5, 2)
 
 
 def test_bad_inputs_get_their_status_codes(server, stub, gaze_model, gaze_benign) -> None:
     INV, NF, RE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert _code(stub.VetModel, vet_requests("m", "1", gaze_model, gaze_benign, sha256="0" * 64)) == INV
-    assert _code(stub.VetModel, vet_requests("bad name!", "1", gaze_model, gaze_benign)) == INV
-    assert _code(stub.VetModel, vet_requests("m", "1", gaze_model, gaze_benign, task=pb.TASK_UNSPECIFIED)) == INV
-    assert _code(stub.VetModel, vet_requests("m", "1", gaze_model, gaze_benign, profile="nope")) == INV
-    assert _code(stub.VetModel, vet_requests("m", "1", b"not an onnx file", gaze_benign)) == INV
-    assert _code(stub.VetModel, vet_requests("m", "1", gaze_model, None)) == INV  # no benign data
-    assert _code(stub.VetModel, vet_requests("m", "1", gaze_model, None, benign_set_id="f" * 64)) == NF
-    assert _code(stub.VetModel, vet_requests("m", "1", gaze_model, benign_npz("headpose"))) == INV  # 3 label cols
-    assert _code(stub.VetModel, vet_requests("m", "1", gaze_model, benign_npz(size=24))) == INV  # wrong size
-    assert _code(stub.VetModel, vet_requests("m", "1", gaze_model, gaze_benign, task=pb.TASK_HEADPOSE)) == INV
-    assert _code(stub.VetModel, iter([pb.VetModelRequest(model_chunk=b"x")])) == INV  # no header
+    assert status_code(stub.VetModel, vet_requests("m", "1", gaze_model, gaze_benign, sha256="0" * 64)) == INV
+    assert status_code(stub.VetModel, vet_requests("bad name!", "1", gaze_model, gaze_benign)) == INV
+    assert status_code(stub.VetModel, vet_requests("m", "1", gaze_model, gaze_benign, task=pb.TASK_UNSPECIFIED)) == INV
+    assert status_code(stub.VetModel, vet_requests("m", "1", gaze_model, gaze_benign, profile="nope")) == INV
+    assert status_code(stub.VetModel, vet_requests("m", "1", b"not an onnx file", gaze_benign)) == INV
+    assert status_code(stub.VetModel, vet_requests("m", "1", gaze_model, None)) == INV  # no benign data
+    assert status_code(stub.VetModel, vet_requests("m", "1", gaze_model, None, benign_set_id="f" * 64)) == NF
+    assert status_code(stub.VetModel, vet_requests("m", "1", gaze_model, benign_npz("headpose"))) == INV  # 3 label cols
+    assert status_code(stub.VetModel, vet_requests("m", "1", gaze_model, benign_npz(size=24))) == INV  # wrong size
+    assert status_code(stub.VetModel, vet_requests("m", "1", gaze_model, gaze_benign, task=pb.TASK_HEADPOSE)) == INV
+    assert status_code(stub.VetModel, iter([pb.VetModelRequest(model_chunk=b"x")])) == INV  # no header
     # A pickle posing as a benign set is refused, never loaded.
     import pickle  # noqa: S403 - building hostile input only
 
-    assert _code(stub.VetModel, vet_requests("m", "1", gaze_model, pickle.dumps({"images": 1}))) == INV
+    assert status_code(stub.VetModel, vet_requests("m", "1", gaze_model, pickle.dumps({"images": 1}))) == INV
 
     # Predict: unknown model, not admitted, bad shape/dtype/range, batch cap.
     x = _images(2)
-    assert _code(_predict, stub, "nobody", x) == NF
+    assert status_code(predict, stub, "nobody", x) == NF
     ok = stub.VetModel(vet_requests("m", "1", gaze_model, gaze_benign))
     wait_final(stub, ok.scan_id)
-    assert _code(_predict, stub, "m", x, version="7") == NF
-    assert _code(_predict, stub, "m", _images(2)[:, :, :8, :8]) == INV
-    assert _code(_predict, stub, "m", x * 3) == INV
-    assert _code(_predict, stub, "m", np.full_like(x, np.nan)) == INV
-    assert _code(_predict, stub, "m", _images(300)) == RE
+    assert status_code(predict, stub, "m", x, version="7") == NF
+    assert status_code(predict, stub, "m", _images(2)[:, :, :8, :8]) == INV
+    assert status_code(predict, stub, "m", x * 3) == INV
+    assert status_code(predict, stub, "m", np.full_like(x, np.nan)) == INV
+    assert status_code(predict, stub, "m", _images(300)) == RE
     bad = pb.Tensor(dtype=pb.DATA_TYPE_FLOAT32, shape=[2, 3, SIZE, SIZE], data=b"\0" * 10)
-    assert _code(stub.Predict, pb.PredictRequest(name="m", input=bad)) == INV
-    assert _code(stub.GetScan, pb.GetScanRequest(scan_id="nope")) == NF
-    assert _code(stub.WatchScan, pb.WatchScanRequest(scan_id="nope")) == NF
-    assert _code(stub.PinVersion, pb.PinVersionRequest(name="m", version="9")) == NF
-    assert _code(stub.Rollback, pb.RollbackRequest(name="m")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert status_code(stub.Predict, pb.PredictRequest(name="m", input=bad)) == INV
+    assert status_code(stub.GetScan, pb.GetScanRequest(scan_id="nope")) == NF
+    assert status_code(stub.WatchScan, pb.WatchScanRequest(scan_id="nope")) == NF
+    assert status_code(stub.PinVersion, pb.PinVersionRequest(name="m", version="9")) == NF
+    assert status_code(stub.Rollback, pb.RollbackRequest(name="m")) == grpc.StatusCode.FAILED_PRECONDITION
     assert _metric(server, "drmguard_predict_requests_total", model="_unknown", code="NOT_FOUND") == 1
 
 
 def test_upload_caps_and_benign_set_reuse(make_server, gaze_model, gaze_benign) -> None:
     srv = make_server(max_model_bytes=len(gaze_model) - 1)
     stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))
-    assert _code(stub.VetModel, vet_requests("m", "1", gaze_model, gaze_benign)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert status_code(stub.VetModel, vet_requests("m", "1", gaze_model, gaze_benign)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     up = stub.UploadBenignSet(iter([pb.UploadBenignSetRequest(header=pb.UploadBenignSetHeader(task=pb.TASK_GAZE)),
                                     pb.UploadBenignSetRequest(chunk=gaze_benign)]))
     assert up.benign_set_id == hashlib.sha256(gaze_benign).hexdigest() and up.num_images == 40 and up.has_labels
@@ -183,10 +168,10 @@ def test_restart_mid_scan_loses_nothing_and_serves_nothing_unvetted(make_server,
     stub2 = pb_grpc.GuardStub(grpc.insecure_channel(srv2.address))
     s = stub2.GetScan(pb.GetScanRequest(scan_id=r.scan_id)).scan
     assert s.state in (pb.STATE_QUEUED, pb.STATE_SCANNING)  # re-queued, not lost, not admitted
-    assert _code(_predict, stub2, "r", _images(1)) == grpc.StatusCode.NOT_FOUND
+    assert status_code(predict, stub2, "r", _images(1)) == grpc.StatusCode.NOT_FOUND
     s = wait_final(stub2, r.scan_id)
     assert s.state == pb.STATE_ADMITTED
-    np.testing.assert_allclose(_predict(stub2, "r", _images(2)).shape, (2, 2))
+    np.testing.assert_allclose(predict(stub2, "r", _images(2)).shape, (2, 2))
     srv2.stop(grace=0.5)
     srv3 = make_server(data_dir=data)  # admitted versions come back served after a restart
-    assert _predict(pb_grpc.GuardStub(grpc.insecure_channel(srv3.address)), "r", _images(1)).shape == (1, 2)
+    assert predict(pb_grpc.GuardStub(grpc.insecure_channel(srv3.address)), "r", _images(1)).shape == (1, 2)
