@@ -2,7 +2,8 @@
 
 One run measures, on the same ONNX model:
 
-* bare ``onnxruntime.InferenceSession.run`` (CPU provider, default session options, in this process);
+* bare ``onnxruntime.InferenceSession.run`` (CPU provider unless ``--bare-providers``, default session options,
+  in this process);
 * ``drmguard.v1.Guard/Predict`` through ``guard_client`` against a ``drmguard-server`` on loopback;
 
 for batch 1 and 32 and 1 and 16 concurrent clients (threads; one gRPC channel per client), and then
@@ -171,6 +172,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                     help="extra drmguard-server argument for the started server (repeatable), e.g. "
                          "--server-arg=--inference-spinning")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="the started server's --device (scans; its providers are its own default order)")
+    ap.add_argument("--bare-providers", default="CPUExecutionProvider",
+                    help="comma-separated providers of the bare session (default CPUExecutionProvider; on a GPU "
+                         "machine CUDAExecutionProvider,CPUExecutionProvider)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the raw results as JSON")
     args = ap.parse_args(argv)
     # SystemExit on SIGTERM unwinds through ``finally``: the server this script started is stopped too.
@@ -187,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.server is None:
             from guard_server.demo import ServerProcess
 
-            server = ServerProcess(work / "data", device="cpu", extra=("--scan-threads", "1", *args.server_arg))
+            server = ServerProcess(work / "data", device=args.device, extra=("--scan-threads", "1", *args.server_arg))
             server.wait_serving(timeout=90)
             address = server.address
         else:
@@ -203,7 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             version = adm["admitted_version"]
 
         load_before = os.getloadavg()
-        sess = ort.InferenceSession(model.read_bytes(), providers=["CPUExecutionProvider"])
+        sess = ort.InferenceSession(model.read_bytes(), providers=args.bare_providers.split(","))
+        print(f"bare session providers: {sess.get_providers()}", file=sys.stderr)
         in_name = sess.get_inputs()[0].name
         batches = {b: (np.resize(test_x, (b, *test_x.shape[1:])).astype(np.float32) / 255.0) for b in (1, 32)}
         results: list[Result] = []
@@ -225,8 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                        target="predict", batch=batch, setup=setup))
         # Sanity: the service answers what the bare session computes.
         with GuardClient(address) as c:
-            diff = float(np.abs(c.predict(MODEL_NAME, batches[32], version=version)
-                                - sess.run(None, {in_name: batches[32]})[0]).max())
+            served = c.predict(MODEL_NAME, batches[32], version=version)
+            diff = float(np.abs(served - sess.run(None, {in_name: batches[32]})[0]).max())
+            cpu = ort.InferenceSession(model.read_bytes(), providers=["CPUExecutionProvider"])
+            diff_cpu = float(np.abs(served - cpu.run(None, {in_name: batches[32]})[0]).max())
 
         during: dict[str, Any] = {}
         if not args.skip_scan:
@@ -258,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{args.arch} x{args.width}, {args.size}x{args.size}, Predict input {args.input_dtype}, "
               f"{args.seconds:.0f} s per row)\n")
         print(table(results))
-        print(f"\nmax |Predict - ORT| on a batch of 32: {diff:.2e}; first scan took {scan_s:.0f} s")
+        print(f"\nmax |Predict - ORT| on a batch of 32: {diff:.2e} (against a CPU session: {diff_cpu:.2e}); "
+              f"first scan took {scan_s:.0f} s")
         if during:
             i, b = during["idle"], during["scanning"]
             print("\n## Predict (batch 1, 1 client) while a scan runs\n")
@@ -269,7 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"(scan state after the window: {during['scan_state_after']})")
         if args.json:
             Path(args.json).write_text(json.dumps({"rows": [asdict(r) for r in results], "during_scan": during,
-                                                   "max_abs_diff": diff, "scan_seconds": scan_s,
+                                                   "max_abs_diff": diff, "max_abs_diff_cpu": diff_cpu, "scan_seconds": scan_s,
                                                    "loadavg": [load_before[0], load[0]]}, indent=2))
         return 0
     finally:

@@ -1,6 +1,7 @@
 """Per-step cost of the scan profiles, extrapolated to a whole scan: `paper` and `default` on a 64x64 ResNet18.
 
-Usage: ``.venv/bin/python benchmarks/scan_speed.py [--width 1.0] [--steps 10] [--threads 2]``. Times a few
+Usage: ``.venv/bin/python benchmarks/scan_speed.py [--width 1.0] [--size 64] [--steps 10] [--threads 2]
+[--device cpu|cuda] [--cudnn-benchmark]``. Times a few
 steps of each phase (generator pre-training, reverse engineering, probes) and multiplies by the profile's step
 counts; prints one JSON object.
 """
@@ -31,25 +32,36 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--task", default="gaze")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    torch.backends.cudnn.benchmark = a.cudnn_benchmark
     x, _ = make_dataset(a.task, 200, size=a.size, seed=1)
-    images = torch.from_numpy(x).float() / 255
-    model = build_model("resnet18", a.task, input_size=a.size, width=a.width).eval()
-    out: dict[str, object] = {"width": a.width, "size": a.size, "threads": a.threads}
+    images = (torch.from_numpy(x).float() / 255).to(a.device)
+    model = build_model("resnet18", a.task, input_size=a.size, width=a.width).eval().to(a.device)
+    out: dict[str, object] = {"width": a.width, "size": a.size, "threads": a.threads, "device": a.device,
+                              "cudnn_benchmark": a.cudnn_benchmark}
+    sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
+    # One untimed step of each phase first: CUDA context, cuDNN autotuning and allocator warm-up.
+    reverse_engineer(model, images, get_profile("paper", a.task).drmguard.replace(pretrain_steps=1, steps=1))
+    sync()
     for name in ("paper", "default"):
         cfg = get_profile(name, a.task)
         dg = cfg.drmguard
         t0 = time.perf_counter()
         reverse_engineer(model, images, dg.replace(pretrain_steps=a.steps, steps=1))
+        sync()
         t_pre = (time.perf_counter() - t0) / a.steps
         t0 = time.perf_counter()
         reverse_engineer(model, images, dg.replace(pretrain_steps=0, steps=a.steps))
+        sync()
         t_rev = (time.perf_counter() - t0) / a.steps
         t_probe = 0.0
         if cfg.probes is not None:
             t0 = time.perf_counter()
             run_probes(model, images, cfg.probes.replace(steps=a.steps))
+            sync()
             t_probe = (time.perf_counter() - t0) / (a.steps * len(cfg.probes.families))
         total = dg.pretrain_steps * t_pre + dg.steps * t_rev
         if cfg.probes is not None:

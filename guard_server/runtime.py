@@ -68,12 +68,35 @@ class LoadedModel:
         return self.session.run(None, feeds)
 
 
+_GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+_preloaded = False
+
+
+def _preload_gpu_libraries() -> None:
+    """Loads CUDA and cuDNN for ORT's GPU providers from the process's torch or the nvidia pip packages.
+
+    ``onnxruntime-gpu`` links its CUDA provider against the CUDA runtime, cuBLAS and cuDNN sonames but ships none
+    of them; without this (or LD_LIBRARY_PATH) session creation falls back to the CPU. Once per process; a
+    failure only means the fallback below reports the CPU provider.
+    """
+    global _preloaded
+    if _preloaded or not hasattr(ort, "preload_dlls"):
+        return
+    _preloaded = True
+    try:
+        ort.preload_dlls()
+    except Exception as exc:  # noqa: BLE001 - best effort; the session reports what it actually uses
+        logger.warning("could not preload CUDA/cuDNN libraries for onnxruntime: %s", exc)
+
+
 def resolve_providers(requested: tuple[str, ...] | list[str]) -> list[str]:
     """The requested providers this onnxruntime build has, in order; CPU always last as the fallback."""
     available = set(ort.get_available_providers())
     chosen = [p for p in requested if p in available]
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
+    if any(p in _GPU_PROVIDERS for p in chosen):
+        _preload_gpu_libraries()
     return chosen
 
 
@@ -101,6 +124,9 @@ def load_session(name: str, version: str, sha256: str, data: bytes, *, providers
             d.mkdir(parents=True, exist_ok=True)
             provider_options.append({"trt_engine_cache_enable": "True", "trt_engine_cache_path": str(d),
                                      "trt_timing_cache_enable": "True", "trt_timing_cache_path": str(d)})
+        elif p == "CUDAExecutionProvider":
+            # FP32 outputs that match the CPU provider within 1e-3: no TF32 tensor-core rounding in convolutions.
+            provider_options.append({"use_tf32": "0"})
         else:
             provider_options.append({})
     sess = ort.InferenceSession(data, sess_options=opts, providers=providers, provider_options=provider_options)

@@ -75,14 +75,16 @@ def split_holdout(n: int, fraction: float, seed_hex: str) -> tuple[list[int], li
     return sorted(perm[k:].tolist()), sorted(perm[:k].tolist())
 
 
-def clean_error(model: Any, benign: Any, task: str) -> float:
+def clean_error(model: Any, benign: Any, task: str, device: str) -> float:
+    """Regression error (degrees) of ``model`` on a labelled set, computed on ``device`` (the scan's device: the
+    error before and after mitigation are compared, so both are measured on the same one)."""
     import torch
 
     from drmguard_engine.tasks import regression_error
 
-    model.eval()
+    model.to(device).eval()
     with torch.no_grad():
-        preds = torch.cat([model(benign.images[i:i + 256]) for i in range(0, len(benign), 256)])
+        preds = torch.cat([model(benign.images[i:i + 256].to(device)).cpu() for i in range(0, len(benign), 256)])
     return regression_error(task, preds, benign.labels)
 
 
@@ -129,7 +131,7 @@ def run_job(job: dict[str, Any]) -> None:
     t1 = time.monotonic()
     train_idx, hold_idx = split_holdout(len(benign), float(job["holdout_fraction"]), job["benign_sha256"])
     train_set, holdout = benign.subset(train_idx), benign.subset(hold_idx)
-    before = clean_error(model, holdout, task)
+    before = clean_error(model, holdout, task, device)
     fixed, mrep = mitigate(model, train_set, task, report=report, device=device,
                            progress=_progress_cb("mitigate"), cancel=cancel, holdout=holdout)
     out_path = Path(job["out_dir"]) / "mitigated.onnx"
@@ -139,7 +141,7 @@ def run_job(job: dict[str, Any]) -> None:
     data = out_path.read_bytes()
     # Re-scan and measure what will be served: the exported ONNX, loaded back like any upload.
     served = load_onnx_model(data)
-    after = clean_error(served, holdout, task)
+    after = clean_error(served, holdout, task, device)
     mdict = mrep.to_dict()
     emit("mitigation_done", report=mdict, clean_error_before=before, clean_error_after=after,
          mitigated_path=str(out_path), mitigated_sha256=hashlib.sha256(data).hexdigest())
