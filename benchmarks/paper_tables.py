@@ -395,9 +395,11 @@ class Bench:
             d = get_defense(method)
             cfg = _defense_config(d, self.baseline_steps) if self.quick else _defense_config(d, None)
         cfg_dict = json.loads(json.dumps(getattr(cfg, "__dict__", {}), default=str))
-        if isinstance(cfg, MitigationConfig) and not cfg.refresh_every:
-            # refresh off runs exactly the computation cached before the refresh settings existed
-            cfg_dict = {k: v for k, v in cfg_dict.items() if k not in ("refresh_every", "refresh_steps")}
+        if isinstance(cfg, MitigationConfig):
+            # an option that is off runs exactly the computation cached before the option existed
+            off = (("refresh_every", "refresh_steps") if not cfg.refresh_every else ()) + (
+                ("neighbourhood_sigma", "neighbourhood_share") if not cfg.neighbourhood_sigma else ())
+            cfg_dict = {k: v for k, v in cfg_dict.items() if k not in off}
         key = ["mitigate", method, e["sha"], self.n_benign, BENIGN_SEED, HOLDOUT_SEED, cfg_dict]
 
         def compute() -> dict[str, Any]:

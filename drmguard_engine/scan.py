@@ -359,12 +359,20 @@ class MitigationConfig:
     # keeps working; a refreshed one follows what is left of it. Measured side by side in docs/scan.md.
     refresh_every: int = 0
     refresh_steps: int = 20
+    # unlearning a neighbourhood of each probe trigger, not only the trigger itself (0 = off): every step, the
+    # ``neighbourhood_share`` of the D_rp half of the batch is made on the fly by a copy of a reversed probe whose
+    # parameters (before their sigmoid/tanh) are moved by N(0, neighbourhood_sigma^2). A probe that found a shortcut
+    # *near* a whole-image trigger then also unlearns the triggers around it. Measured in docs/scan.md.
+    neighbourhood_sigma: float = 0.0
+    neighbourhood_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 1 or not self.lr > 0:
             raise ConfigError("mitigation steps, batch_size (>1) and lr must be positive")
         if self.refresh_every < 0 or self.refresh_steps < 1:
             raise ConfigError("refresh_every must be >= 0 (0 = off) and refresh_steps >= 1")
+        if self.neighbourhood_sigma < 0 or not 0.0 <= self.neighbourhood_share <= 1.0:
+            raise ConfigError("neighbourhood_sigma must be >= 0 and neighbourhood_share in [0, 1]")
         if self.targets not in ("labels", "teacher"):
             raise ConfigError(f"targets must be 'labels' or 'teacher', got {self.targets!r}")
         if self.probe_triggers not in ("decisive", "flagged"):
@@ -526,12 +534,18 @@ def mitigate(
         j = torch.randperm(x_rp.shape[0], generator=gen)[:half].to(dev)
         xb = torch.cat([x_tr[i], x_rp[j]])
         yb = torch.cat([y_tr[i], y_rp[j]])
+        n_nb = int(round(cfg.neighbourhood_share * half)) if cfg.neighbourhood_sigma > 0 and refreshable else 0
+        if n_nb:
+            _, probe = refreshable[int(torch.randint(len(refreshable), (1,), generator=gen))]
+            k = torch.randperm(n, generator=gen)[:n_nb].to(dev)
+            xb[half : half + n_nb] = _neighbour(probe, cfg.neighbourhood_sigma, gen)(x_tr[k])
+            yb[half : half + n_nb] = y_tr[k]
         loss = (model(xb) - yb).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if progress is not None and (step % 10 == 0 or step == cfg.steps - 1):
-            progress(ScanProgress("mitigate", step + 1, cfg.steps, {"l1": float(loss)}, None))
+            progress(ScanProgress("mitigate", step + 1, cfg.steps, {"l1": float(loss.detach())}, None))
     for p in params:
         p.requires_grad_(False)
     model.eval()
@@ -550,6 +564,16 @@ def mitigate(
         triggers=[t[0] for t in transforms],
         targets=cfg.targets,
     )
+
+
+def _neighbour(probe: nn.Module, sigma: float, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A copy of ``probe`` with every parameter moved by N(0, sigma^2) (its pre-activation space), applied without
+    gradients."""
+    near = copy.deepcopy(probe)
+    with torch.no_grad():
+        for prm in near.parameters():
+            prm.add_(sigma * torch.randn(prm.shape, generator=gen).to(prm.device))
+    return lambda x: _no_grad(near, x)
 
 
 def _no_grad(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -153,14 +154,20 @@ def test_mitigation_follows_the_scan_profile_unless_configured() -> None:
         MitigationConfig(probe_triggers="all")
 
 
-def test_refreshed_probe_triggers_change_the_unlearning_but_not_the_report() -> None:
-    from drmguard_engine.scan import MitigationConfig, mitigate
-
+def _scanned_linear() -> tuple[BenignSet, Any, list[Any]]:
+    """A tiny linear model's fast scan, with every probe made to join D_rp (a huge threshold)."""
     g = torch.Generator().manual_seed(0)
     benign = BenignSet(torch.rand(16, 3, 8, 8, generator=g), torch.randn(16, 2, generator=g))
     r = scan(_Linear(), benign, "gaze", get_profile("fast", "gaze", steps=5, probe_steps=5))
     flagged = [p for p in r.probe_results if p.transform is not None]
     assert flagged
+    return benign, r, flagged
+
+
+def test_refreshed_probe_triggers_change_the_unlearning_but_not_the_report() -> None:
+    from drmguard_engine.scan import MitigationConfig, mitigate
+
+    benign, r, flagged = _scanned_linear()
     before = [{k: v.clone() for k, v in p.transform.state_dict().items()} for p in flagged]
     # every probe below the threshold joins D_rp; a huge threshold makes all of them join (whatever they found)
     r.config["probe_threshold"] = 1e9
@@ -176,6 +183,32 @@ def test_refreshed_probe_triggers_change_the_unlearning_but_not_the_report() -> 
             assert torch.equal(v, sd[k]), k
     with pytest.raises(ConfigError):
         MitigationConfig(refresh_every=-1)
+
+
+def test_neighbourhood_unlearning_moves_probe_copies_not_the_report() -> None:
+    from drmguard_engine.scan import MitigationConfig, _neighbour, mitigate
+
+    benign, r, flagged = _scanned_linear()
+    x = benign.images[:4]
+    # a probe that changes the images (at 8x8 the excluded task region can cover a whole additive probe)
+    probe = next(p.transform for p in flagged if not torch.equal(p.transform(x).detach(), x))
+    before = {k: v.clone() for k, v in probe.state_dict().items()}
+    near = _neighbour(probe, 1.0, torch.Generator().manual_seed(1))(x)
+    assert near.shape == x.shape and not torch.equal(near, probe(x).detach())
+    assert torch.equal(_neighbour(probe, 0.0, torch.Generator().manual_seed(1))(x), probe(x).detach())
+    r.config["probe_threshold"] = 1e9
+    outs = {}
+    for sigma in (0.0, 1.0):
+        cfg = MitigationConfig(steps=4, neighbourhood_sigma=sigma, lr=1e-2)
+        m, _ = mitigate(_Linear(), benign, "gaze", report=r, config=cfg)
+        outs[sigma] = m.head.weight.detach().clone()
+    assert not torch.equal(outs[0.0], outs[1.0])  # the neighbourhood inputs trained the model differently
+    for k, v in probe.state_dict().items():  # the report's own trigger is as scanned
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ConfigError):
+        MitigationConfig(neighbourhood_sigma=-1.0)
+    with pytest.raises(ConfigError):
+        MitigationConfig(neighbourhood_share=1.5)
 
 
 def test_config_validation_and_profiles() -> None:
