@@ -41,7 +41,7 @@ def pair():  # type: ignore[no-untyped-def]
 
 
 def test_backdoored_model_is_rejected_when_mitigation_is_off(make_server, pair, tmp_path) -> None:
-    srv = make_server(data_dir=tmp_path / "off", allow_mitigated=False)
+    srv = make_server(data_dir=tmp_path / "off", allow_mitigated=False, scan_threads=2)
     stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))
     r = stub.VetModel(vet_requests("cabin", "1", pair.onnx("backdoored"), pair.benign_npz()))
     s = wait_final(stub, r.scan_id, timeout=300)
@@ -55,7 +55,7 @@ def test_backdoored_model_is_rejected_when_mitigation_is_off(make_server, pair, 
 
 
 def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(make_server, pair, tmp_path) -> None:
-    srv = make_server(data_dir=tmp_path / "on")
+    srv = make_server(data_dir=tmp_path / "on", scan_threads=2)
     stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))
     bd_bytes = pair.onnx("backdoored")
     r = stub.VetModel(vet_requests("cabin", "1", bd_bytes, pair.benign_npz()))
