@@ -41,21 +41,23 @@ DRY_BATCH = 2
 MAX_ELEMENTS = 1 << 28
 
 
+@dataclass(frozen=True)
 class _Batch:
-    """The symbolic batch size inside a :class:`SymInts` shape."""
+    """The symbolic batch size inside a :class:`SymInts` shape, times a constant ``k``
+    (attention blocks reshape to ``batch * heads``)."""
 
-    _instance: _Batch | None = None
-
-    def __new__(cls) -> _Batch:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
+    k: int = 1
 
     def __repr__(self) -> str:
-        return "N"
+        return "N" if self.k == 1 else f"{self.k}N"
 
 
-BATCH = _Batch()
+BATCH = _Batch(1)
+
+
+def is_batch(v: Any) -> bool:
+    """Whether a shape entry is the symbolic batch size (times a constant)."""
+    return isinstance(v, _Batch)
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,17 @@ class Const:
 
 @dataclass
 class Dyn:
-    """A value that depends on the model input; ``example`` is its value in the dry run."""
+    """A value that depends on the model input; ``example`` is its value in the dry run.
+
+    ``batch_axis`` is the axis that grows with the batch (found by a second dry run at another batch size;
+    ``None`` when none does): axis 0 for convolutional features, another one inside attention blocks that move
+    the batch."""
 
     example: torch.Tensor
+    batch_axis: int | None = 0
+    #: the batch axis holds ``batch_k`` x the batch size (attention reshapes to batch x heads);
+    #: 0 when its size is not a multiple of the batch (then its Shape is refused)
+    batch_k: int = 1
 
 
 Value = Const | Dyn
@@ -158,6 +168,11 @@ class Ctx:
     def fail(self, what: str) -> UnsupportedModelError:
         return _fail(self.node, what)
 
+    def batch_axis(self, i: int) -> int | None:
+        """The batch axis of input i, ``None`` for constants and batch-independent values."""
+        v = self.ins[i] if i < len(self.ins) else None
+        return v.batch_axis if isinstance(v, Dyn) else None
+
     def attr(self, name: str, default: Any = None) -> Any:
         return self.attrs.get(name, default)
 
@@ -196,7 +211,7 @@ class Ctx:
 
     def static_ints(self, i: int, what: str) -> list[int]:
         vals = self.ints(i, what)
-        if any(v is BATCH for v in vals):
+        if any(is_batch(v) for v in vals):
             raise self.fail(f"{what} depends on the batch size, which is not supported here")
         return vals
 
@@ -214,7 +229,9 @@ class Ctx:
 
 
 Fn = Callable[["Step", list[Any]], torch.Tensor]
-_MIN_ARGS = 6  # more than any op's optional inputs
+_MIN_ARGS = 7  # more than any op's optional inputs
+#: The argument slot that carries the graph input to a step whose shape holds the symbolic batch size.
+_BATCH_SLOT = 6
 
 
 class Step(nn.Module):
@@ -619,24 +636,24 @@ def _reshape_target(ctx: Ctx) -> list[int]:
     dyn = isinstance(ctx.ins[0], Dyn)
     resolved: list[Any] = []
     for i, t in enumerate(target):
-        if t == 0 and not allowzero and t is not BATCH:
+        if not is_batch(t) and t == 0 and not allowzero:
             if i >= len(in_shape):
                 raise ctx.fail("Reshape copies a dimension (0) that the input does not have")
-            resolved.append(BATCH if (dyn and i == 0) else in_shape[i])
+            resolved.append(BATCH if (dyn and i == ctx.batch_axis(0)) else in_shape[i])
         else:
             resolved.append(t)
-    n_batch = sum(1 for t in resolved if t is BATCH)
+    n_batch = sum(1 for t in resolved if is_batch(t))
     if n_batch == 0:
         return [int(t) for t in resolved]
     if n_batch > 1:
         raise ctx.fail("a Reshape target that repeats the batch size is not supported")
     # Resolve the other entries (including -1) at the dry-run batch, then free the batch entry again.
-    dry = [DRY_BATCH if t is BATCH else int(t) for t in resolved]
+    dry = [DRY_BATCH * t.k if is_batch(t) else int(t) for t in resolved]
     try:
         out_shape = torch.empty(in_shape, device="meta").reshape(dry).shape
     except RuntimeError as e:
         raise ctx.fail(f"cannot reshape {list(in_shape)} to {resolved}: {e}") from None
-    return [-1 if t is BATCH else int(out_shape[i]) for i, t in enumerate(resolved)]
+    return [-1 if is_batch(t) else int(out_shape[i]) for i, t in enumerate(resolved)]
 
 
 def prep_reshape(ctx: Ctx) -> Fn:
@@ -655,11 +672,11 @@ def _axes(ctx: Ctx, what: str) -> list[int] | None:
 def prep_squeeze(ctx: Ctx) -> Fn:
     shape = ctx.shape(0)
     axes = _axes(ctx, "Squeeze")
-    dyn = isinstance(ctx.ins[0], Dyn)
+    b = ctx.batch_axis(0)
     if axes is None:
-        axes = [i for i, n in enumerate(shape) if n == 1 and not (dyn and i == 0)]
+        axes = [i for i, n in enumerate(shape) if n == 1 and i != b]
     dims = tuple(sorted(a % len(shape) for a in axes)) if shape else ()
-    if dyn and 0 in dims:
+    if b is not None and b in dims:
         raise ctx.fail("squeezing the batch axis is not supported")
     if not dims:
         return lambda step, a: a[0]
@@ -698,7 +715,7 @@ def prep_concat(ctx: Ctx) -> Fn:
 def prep_gather(ctx: Ctx) -> Fn:
     shape = ctx.shape(0)
     axis = int(ctx.attr("axis", 0)) % len(shape)
-    if isinstance(ctx.ins[0], Dyn) and axis == 0:
+    if axis == ctx.batch_axis(0):
         raise ctx.fail("Gather along the batch axis is not supported")
     idx = ctx.const(1, "Gather indices").long()
     idx = torch.where(idx < 0, idx + shape[axis], idx)
@@ -741,13 +758,13 @@ def _slice_spec(ctx: Ctx) -> list[tuple[int, int, int, int]]:
 
 def prep_slice(ctx: Ctx) -> Fn:
     spec = _slice_spec(ctx)
-    dyn = isinstance(ctx.ins[0], Dyn)
+    b = ctx.batch_axis(0)
     index: list[slice] = [slice(None)] * len(ctx.shape(0))
     # torch slices take positive steps only; negative ones (exporters reverse pad lists) gather indices.
     reversed_axes: list[tuple[int, list[int]]] = []
     for ax, lo, hi, sp in spec:
-        if dyn and ax == 0:
-            if (lo, hi, sp) != (0, DRY_BATCH, 1):
+        if ax == b:
+            if (lo, hi, sp) != (0, ctx.shape(0)[ax], 1):
                 raise ctx.fail("slicing the batch axis is not supported")
             continue
         if sp > 0:
@@ -791,7 +808,8 @@ def prep_pad(ctx: Ctx) -> Fn:
     n = len(axes)
     begin = dict(zip(axes, pads[:n], strict=True))
     end = dict(zip(axes, pads[n:], strict=True))
-    if isinstance(ctx.ins[0], Dyn) and (begin.get(0, 0) or end.get(0, 0)):
+    b = ctx.batch_axis(0)
+    if b is not None and (begin.get(b, 0) or end.get(b, 0)):
         raise ctx.fail("padding the batch axis is not supported")
     modes = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
     if mode not in modes:
@@ -853,7 +871,7 @@ def prep_resize(ctx: Ctx) -> Fn:
     scales: list[float] | None = None
     if ctx.has(3):
         size = ctx.ints(3, "Resize sizes")[-2:]
-        if any(v is BATCH for v in size):
+        if any(is_batch(v) for v in size):
             raise ctx.fail("Resize sizes depend on the batch size")
         out_hw = [int(v) for v in size]
     else:
@@ -933,6 +951,99 @@ def prep_matmul(ctx: Ctx) -> Fn:
     return lambda step, a: torch.matmul(a[0], a[1])
 
 
+def prep_layer_norm(ctx: Ctx) -> Fn:
+    """LayerNormalization (opset 17): normalises over the axes from ``axis`` on; scale and bias are
+    fine-tuned."""
+    rank = len(ctx.shape(0))
+    axis = int(ctx.attr("axis", -1)) % rank
+    eps = float(ctx.attr("epsilon", 1e-5))
+    ctx.keep(1, trainable=True)
+    ctx.keep(2, trainable=True)
+    dims = tuple(range(axis, rank))
+    # the normalised shape, resolved now (static: it never includes the batch axis when axis > 0), so that a
+    # re-export traces a plain layer_norm
+    norm = tuple(ctx.shape(0)[axis:])
+    fused = (axis > 0 and ctx.is_const(1) and tuple(ctx.const(1, "scale").shape) == norm
+             and (not ctx.has(2) or (ctx.is_const(2) and tuple(ctx.const(2, "bias").shape) == norm)))
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        x, scale, bias = a[0], a[1], a[2]
+        if fused:
+            return F.layer_norm(x, norm, scale, bias, eps)
+        mu = x.mean(dims, keepdim=True)
+        var = (x - mu).pow(2).mean(dims, keepdim=True)
+        y = (x - mu) / torch.sqrt(var + eps) * scale
+        return y if bias is None else y + bias
+
+    return fn
+
+
+def prep_expand(ctx: Ctx) -> Fn:
+    """Expand to a constant shape (numpy-style broadcast both ways).
+
+    The shape may hold the symbolic batch size;
+    its run-time value then comes from the graph input, bound by the interpreter in slot ``_BATCH_SLOT``."""
+    shape = ctx.ints(1, "Expand shape")
+    ctx.check_size([DRY_BATCH * v.k if is_batch(v) else v for v in shape])
+    ctx.keep(0, trainable=False)
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        # as ``Tensor.expand`` sizes (-1 keeps a dimension): re-exporting the module traces the batch size
+        x = a[0]
+        n = max(x.dim(), len(shape))
+        padded = [1] * (n - len(shape)) + list(shape)
+        lead = n - x.dim()
+        sizes = [a[_BATCH_SLOT].shape[0] * v.k if is_batch(v) else (v if i < lead or v != 1 else -1)
+                 for i, v in enumerate(padded)]
+        return x.expand(*sizes)
+
+    return fn
+
+
+def prep_where(ctx: Ctx) -> Fn:
+    ctx.keep(0, trainable=False)
+    ctx.keep(1, trainable=False)
+    ctx.keep(2, trainable=False)
+    return lambda step, a: torch.where(a[0].bool(), a[1], a[2])
+
+
+def _compare(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+    def prep(ctx: Ctx) -> Fn:
+        ctx.keep(0, trainable=False)
+        ctx.keep(1, trainable=False)
+        return lambda step, a: op(a[0], a[1])
+
+    return prep
+
+
+def prep_mod(ctx: Ctx) -> Fn:
+    ctx.keep(0, trainable=False)
+    ctx.keep(1, trainable=False)
+    if int(ctx.attr("fmod", 0)):
+        return lambda step, a: torch.fmod(a[0], a[1])
+    return lambda step, a: torch.remainder(a[0], a[1])
+
+
+def split_sizes(ctx: Ctx, n_out: int) -> tuple[int, list[int]]:
+    """Split's axis and the static size of each of its ``n_out`` parts (from ``split``, or equal parts)."""
+    shape = ctx.shape(0)
+    axis = int(ctx.attr("axis", 0)) % len(shape)
+    if axis == ctx.batch_axis(0):
+        raise ctx.fail("splitting the batch axis is not supported")
+    if ctx.attr("split") is not None:
+        sizes = [int(v) for v in ctx.attr("split")]
+    elif ctx.has(1):
+        sizes = ctx.static_ints(1, "Split sizes")
+    else:
+        whole, rest = divmod(shape[axis], n_out)
+        ceil = whole + (1 if rest else 0)  # opset 18: the last part takes what is left
+        sizes = [ceil] * (n_out - 1) + [shape[axis] - ceil * (n_out - 1)]
+    if len(sizes) != n_out or sum(sizes) != shape[axis] or min(sizes) < 0:
+        raise ctx.fail(f"split sizes {sizes} do not divide axis {axis} of size {shape[axis]} "
+                       f"into {n_out} parts")
+    return axis, sizes
+
+
 def prep_constant_of_shape(ctx: Ctx) -> Fn:
     # Only ever folded (its input is a shape); exporters use it to build Pad amounts.
     shape = ctx.static_ints(0, "ConstantOfShape shape")
@@ -994,10 +1105,22 @@ PREPARERS: dict[str, Callable[[Ctx], Fn]] = {
     "MatMul": prep_matmul,
     "Identity": prep_identity,
     "Dropout": prep_identity,
+    "LayerNormalization": prep_layer_norm,
+    "Expand": prep_expand,
+    "Where": prep_where,
+    "Equal": _compare(torch.eq),
+    "Less": _compare(torch.lt),
+    "Greater": _compare(torch.gt),
+    "Not": _unary(torch.logical_not),
+    "Max": _binary(torch.maximum),
+    "Min": _binary(torch.minimum),
+    "Sin": _unary(torch.sin),
+    "Cos": _unary(torch.cos),
+    "Mod": prep_mod,
 }
 
 #: Every op type (default ``ai.onnx`` domain) the interpreter reads; ``check_onnx_bytes`` refuses others.
-ALLOWED_OPS: frozenset[str] = frozenset(PREPARERS) | {"Constant", "Shape"}
+ALLOWED_OPS: frozenset[str] = frozenset(PREPARERS) | {"Constant", "Shape", "Split"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1016,7 +1139,7 @@ def _as_list(v: Value | None) -> tuple[list[Any], bool] | None:
 
 
 def _sym_or_tensor(values: list[Any], scalar: bool) -> Const:
-    if any(v is BATCH for v in values):
+    if any(is_batch(v) for v in values):
         return Const(SymInts(tuple(values), scalar))
     t = torch.tensor(values, dtype=torch.int64)
     return Const(t.reshape(()) if scalar else t)
@@ -1060,7 +1183,33 @@ def fold_symbolic(ctx: Ctx) -> Const:
         return _sym_or_tensor(vals, True)
     if op == "Reshape":
         return _sym_or_tensor(vals, False)
-    if op in ("Mul", "Add", "Sub", "Div"):
+    if op == "Equal":
+        other, oscalar = lists[1]  # type: ignore[misc]
+        n = max(len(vals), len(other))
+        if len(vals) != len(other) and min(len(vals), len(other)) != 1:
+            raise ctx.fail("shape comparison with mismatched lengths")
+        xs, ys = (vals * n if len(vals) == 1 else vals), (other * n if len(other) == 1 else other)
+        eq: list[bool] = []
+        for x, y in zip(xs, ys, strict=True):
+            if is_batch(x) and is_batch(y):
+                eq.append(x == y)
+            elif is_batch(x) or is_batch(y):
+                known = y if is_batch(x) else x
+                if known > 0:  # the batch size could be any positive number
+                    raise ctx.fail("comparing the batch size with a positive number is not supported")
+                eq.append(False)
+            else:
+                eq.append(x == y)
+        t = torch.tensor(eq, dtype=torch.bool)
+        return Const(t.reshape(()) if scalar and oscalar else t)
+    if op == "Where":
+        cond, _ = lists[0]  # type: ignore[misc]
+        (a, _), (b, bscalar) = lists[1], lists[2]  # type: ignore[misc]
+        n = max(len(cond), len(a), len(b))
+        pick = [(a * n if len(a) == 1 else a)[i] if (cond * n if len(cond) == 1 else cond)[i]
+                else (b * n if len(b) == 1 else b)[i] for i in range(n)]
+        return _sym_or_tensor(pick, scalar and bscalar)
+    if op in ("Mul", "Add", "Sub", "Div", "Mod"):
         other, oscalar = lists[1]  # type: ignore[misc]
         if len(vals) != len(other) and min(len(vals), len(other)) != 1:
             raise ctx.fail("shape arithmetic with mismatched lengths")
@@ -1069,14 +1218,20 @@ def fold_symbolic(ctx: Ctx) -> Const:
         ys = other * n if len(other) == 1 else other
         res: list[Any] = []
         for x, y in zip(xs, ys, strict=True):
-            if x is BATCH or y is BATCH:
-                if op == "Mul" and (x == 1 or y == 1):
-                    res.append(BATCH)
+            if is_batch(x) or is_batch(y):
+                if op == "Mul" and not (is_batch(x) and is_batch(y)):
+                    b, m = (x, y) if is_batch(x) else (y, x)
+                    res.append(_Batch(b.k * int(m)))
                     continue
-                if op == "Div" and y == 1:
-                    res.append(BATCH)
+                if op == "Div" and is_batch(x) and not is_batch(y) and int(y) > 0 and x.k % int(y) == 0:
+                    res.append(_Batch(x.k // int(y)))
                     continue
                 raise ctx.fail("arithmetic on the batch size is not supported; reshape with -1 instead")
+            if op == "Mod":
+                if not y:
+                    raise ctx.fail("shape arithmetic: modulo by zero")
+                res.append(int(math.fmod(x, y)) if int(ctx.attr("fmod", 0)) else x % y)
+                continue
             res.append({"Mul": x * y, "Add": x + y, "Sub": x - y, "Div": int(x / y) if y else 0}[op])
         return _sym_or_tensor(res, scalar and oscalar)
     raise ctx.fail("cannot use the symbolic batch size here")
@@ -1101,6 +1256,14 @@ class _Frozen:
     training = False
 
 
+def _narrow(axis: int, lo: int, n: int) -> Fn:
+    return lambda step, a: a[0].narrow(axis, lo, n)
+
+
+def step_fail(step: Step, what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"{step.op_type} node computing {step.output!r}: {what}")
+
+
 def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, opset: int) -> Interpreted:
     """Reads every node of ``graph`` once: folds constants and builds a :class:`Step` for the rest.
 
@@ -1118,6 +1281,25 @@ def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, op
     steps: dict[str, Step] = {}
     producers: dict[str, onnx.NodeProto] = {}
     env: dict[str, torch.Tensor] = {input_name: example}
+    # A second dry run, one sample larger, runs beside the first: the axis whose size differs between the two
+    # is each value's batch axis (attention blocks move the batch off axis 0 and back).
+    env_more: dict[str, torch.Tensor] = {input_name: torch.cat([example, example[:1]])}
+
+    def run(step: Step, outs: list[str]) -> None:
+        with torch.no_grad():
+            y, y_more = step(env), step(env_more)
+        if y.dim() != y_more.dim():
+            raise step_fail(step, "its rank depends on the batch size")
+        grown = [i for i in range(y.dim()) if y.shape[i] != y_more.shape[i]]
+        if len(grown) > 1:
+            raise step_fail(step, f"the batch size changes several axes ({grown}) of its output")
+        env[outs[0]], env_more[outs[0]] = y, y_more
+        k = 1
+        if grown:
+            k = y_more.shape[grown[0]] - y.shape[grown[0]]
+            k = k if k > 0 and y.shape[grown[0]] == DRY_BATCH * k else 0
+        values[outs[0]] = Dyn(y, grown[0] if grown else None, k)
+        steps[outs[0]] = step
     # Free each dry-run activation after its last use (keeping its shape on the meta device), so a large
     # input does not keep every intermediate of the graph in memory at once.
     last_use: dict[str, int] = {}
@@ -1134,8 +1316,9 @@ def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, op
         for name in free_after.get(index - 1, ()):
             v = values.get(name)
             if isinstance(v, Dyn) and name != input_name:
-                values[name] = Dyn(torch.empty(v.example.shape, device="meta"))
+                values[name] = Dyn(torch.empty(v.example.shape, device="meta"), v.batch_axis, v.batch_k)
                 env.pop(name, None)
+                env_more.pop(name, None)
         for out in node.output:
             if out:
                 producers[out] = node
@@ -1152,7 +1335,7 @@ def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, op
         outs = [o for o in node.output if o]
         if not outs:
             continue
-        if len(outs) > 1 and op not in ("Dropout", "BatchNormalization", "MaxPool"):
+        if len(outs) > 1 and op not in ("Dropout", "BatchNormalization", "MaxPool", "Split"):
             raise ctx.fail("nodes with several outputs are not supported")
         try:
             if op == "Constant":
@@ -1170,11 +1353,45 @@ def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, op
                 continue
             if op == "Shape":
                 shape = list(ctx.shape(0))
-                if isinstance(ins[0], Dyn):
-                    shape[0] = BATCH  # the batch stays on axis 0 (checked by load_onnx_model)
+                b = ctx.batch_axis(0)
+                if b is not None:
+                    k = ins[0].batch_k  # type: ignore[union-attr]
+                    if not k:
+                        raise ctx.fail("the size of the batch axis here is not a multiple of the batch size")
+                    shape[b] = _Batch(k)  # type: ignore[call-overload]
                 start, end = ctx.attr("start", 0), ctx.attr("end", None)
                 shape = shape[slice(start, end)]
                 values[outs[0]] = _sym_or_tensor(shape, False)
+                continue
+            if op == "Split":
+                axis, sizes = split_sizes(ctx, len(node.output))
+                offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+                dyn_inputs = {0: node.input[0]} if isinstance(ins[0], Dyn) else {}
+                for j, out in enumerate(node.output):
+                    if not out:
+                        continue
+                    part = _narrow(axis, offsets[j], sizes[j])
+                    if not dyn_inputs:
+                        x0 = ctx.const(0, "Split input")
+                        values[out] = Const(part(_Frozen(), [x0]).detach())  # type: ignore[arg-type]
+                        continue
+                    step = Step(op, part, 1, dyn_inputs, {}, out)
+                    step.eval()
+                    run(step, [out])
+                continue
+            shape_in = ins[1] if len(ins) > 1 else None
+            sym_expand = (op == "Expand" and isinstance(shape_in, Const)
+                          and isinstance(shape_in.value, SymInts)
+                          and any(is_batch(v) for v in shape_in.value.values))
+            if sym_expand:
+                # the output depends on the batch size only: a step that reads it from the graph input
+                fn = PREPARERS[op](ctx)
+                dyn_inputs = {i: name for i, (name, v) in enumerate(zip(node.input, ins, strict=True))
+                              if isinstance(v, Dyn)}
+                dyn_inputs[_BATCH_SLOT] = input_name
+                step = Step(op, fn, len(ins), dyn_inputs, ctx.kept, outs[0])
+                step.eval()
+                run(step, outs)
                 continue
             if all(isinstance(v, Const) for v in ins if v is not None):
                 if any(isinstance(v, Const) and isinstance(v.value, SymInts) for v in ins):
@@ -1193,13 +1410,9 @@ def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, op
             # Dynamic inputs win over constants in the same slot; constants not kept were resolved into fn.
             step = Step(op, fn, len(ins), dyn_inputs, ctx.kept, outs[0])
             step.eval()  # the dry run must not update BatchNorm running statistics
-            with torch.no_grad():
-                y = step(env)
+            run(step, outs)
         except UnsupportedModelError:
             raise
         except (RuntimeError, ValueError, TypeError, IndexError, KeyError, ZeroDivisionError) as e:
             raise _fail(node, f"cannot be evaluated ({type(e).__name__}: {e})") from None
-        env[outs[0]] = y
-        values[outs[0]] = Dyn(y)
-        steps[outs[0]] = step
     return Interpreted(values, steps, producers)
