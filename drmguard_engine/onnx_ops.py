@@ -420,11 +420,22 @@ def prep_batchnorm(ctx: Ctx) -> Fn:
     return fn
 
 
+def _check_broadcast(ctx: Ctx, slots: Sequence[int]) -> None:
+    """Refuses a broadcast whose result would be over :data:`MAX_ELEMENTS` before the dry run allocates it
+    (a hostile file can broadcast a long row against a long column)."""
+    try:
+        shape = torch.broadcast_shapes(*[ctx.shape(i) for i in slots if ctx.has(i)])
+    except RuntimeError as e:
+        raise ctx.fail(f"inputs do not broadcast: {e}") from None
+    ctx.check_size(shape)
+
+
 def _binary(
     op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     int_op: Callable[..., torch.Tensor] | None = None,
 ):
     def prep(ctx: Ctx) -> Fn:
+        _check_broadcast(ctx, (0, 1))
         ctx.keep(0, trainable=False)
         ctx.keep(1, trainable=False)
 
@@ -946,6 +957,13 @@ def prep_gemm(ctx: Ctx) -> Fn:
 
 
 def prep_matmul(ctx: Ctx) -> Fn:
+    a_shape, b_shape = ctx.shape(0), ctx.shape(1)
+    if len(a_shape) >= 2 and len(b_shape) >= 2:
+        try:
+            lead = torch.broadcast_shapes(tuple(a_shape[:-2]), tuple(b_shape[:-2]))
+        except RuntimeError as e:
+            raise ctx.fail(f"inputs do not broadcast: {e}") from None
+        ctx.check_size([*lead, a_shape[-2], b_shape[-1]])
     ctx.keep(0, trainable=True)
     ctx.keep(1, trainable=True)
     return lambda step, a: torch.matmul(a[0], a[1])
@@ -1001,6 +1019,7 @@ def prep_expand(ctx: Ctx) -> Fn:
 
 
 def prep_where(ctx: Ctx) -> Fn:
+    _check_broadcast(ctx, (0, 1, 2))
     ctx.keep(0, trainable=False)
     ctx.keep(1, trainable=False)
     ctx.keep(2, trainable=False)
@@ -1009,6 +1028,7 @@ def prep_where(ctx: Ctx) -> Fn:
 
 def _compare(op: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
     def prep(ctx: Ctx) -> Fn:
+        _check_broadcast(ctx, (0, 1))
         ctx.keep(0, trainable=False)
         ctx.keep(1, trainable=False)
         return lambda step, a: op(a[0], a[1])

@@ -482,6 +482,26 @@ def test_huge_intermediate_tensor_is_refused_before_allocation():
         load_onnx_model(_graph_model(nodes, inits).SerializeToString())
 
 
+def test_huge_broadcast_is_refused_before_allocation():
+    """(N,192,1) + (1,1,2^21): a few KB of input that would broadcast to 800M floats (3.2 GB) at batch 2.
+    ONNX's static shape inference (``check_onnx_bytes``) usually sees it coming; the interpreter refuses it on
+    its own too, before the dry run allocates it (a graph can hide shapes from static inference)."""
+    from drmguard_engine.onnx_ops import interpret
+
+    rng = np.random.default_rng(9)
+    nodes = [
+        helper.make_node("Reshape", ["x", "col"], ["c"]),
+        helper.make_node("Add", ["c", "row"], ["big"]),
+        helper.make_node("ReduceMean", ["big"], ["r"], axes=[2], keepdims=0),
+        helper.make_node("Gemm", ["r", "W"], ["y"], transB=1),
+    ]
+    inits = {"col": _i(-1, 192, 1), "row": np.zeros((1, 1, 1 << 21), np.float32),
+             "W": rng.standard_normal((2, 192)).astype(np.float32)}
+    graph = _graph_model(nodes, inits).graph
+    with pytest.raises(UnsupportedModelError, match="element limit"):
+        interpret(graph, "x", torch.rand(2, 3, 8, 8), 17)
+
+
 def test_string_initializer_is_refused():
     rng = np.random.default_rng(10)
     inits = _conv_gap_inits(rng) | {"W": rng.standard_normal((2, 4)).astype(np.float32)}
