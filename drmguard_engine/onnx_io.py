@@ -103,6 +103,7 @@ def export_onnx(
     if shape is None or len(tuple(shape)) != 3 or any(int(s) <= 0 for s in shape):
         raise ConfigError(f"input_shape must be (C, H, W) with positive sizes, got {shape!r}")
     c, h, w = (int(s) for s in shape)
+    channels_last = getattr(model, "input_layout", "NCHW") == "NHWC"
     in_name = input_name or getattr(model, "input_name", None) or "input"
     out_name = output_name or getattr(model, "output_name", None) or "output"
     if in_name == out_name:
@@ -112,6 +113,8 @@ def export_onnx(
     # Batch 2, not 1: the tracer must not specialise anything on a batch of one.
     gen = torch.Generator().manual_seed(0)
     dummy = torch.rand(2, c, h, w, generator=gen).to(device)
+    if channels_last:  # an imported channels-last model keeps its submitted (N,H,W,C) interface
+        model, dummy = _ChannelsLast(model).train(model.training), dummy.permute(0, 2, 3, 1).contiguous()
     buf = io.BytesIO()
     was_training = model.training
     model.eval()
@@ -139,6 +142,17 @@ def export_onnx(
     if path is not None:
         _atomic_write(Path(path), data)
     return data
+
+
+class _ChannelsLast(nn.Module):
+    """Takes (N,H,W,C) and runs a module that takes (N,C,H,W) (for exporting channels-last models)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.permute(0, 3, 1, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,7 +277,7 @@ def check_onnx_bytes(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> onnx
         raise UnsupportedModelError(
             f"input {inp.name!r} must have fixed C,H,W (only the batch may be symbolic), got {dims}"
         )
-    c, h, w = (int(d) for d in chw)  # type: ignore[arg-type]
+    c, h, w = _chw(dims)
     if c > MAX_CHANNELS or h > MAX_SIDE or w > MAX_SIDE or c * h * w > MAX_IMAGE_ELEMENTS:
         raise UnsupportedModelError(
             f"input shape {dims} is over the limits (C <= {MAX_CHANNELS}, H,W <= {MAX_SIDE})"
@@ -299,6 +313,26 @@ def check_onnx_bytes(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> onnx
 # Import
 
 
+#: Channel counts an image input can have; a rank-4 input whose last axis is one of these and whose axis 1 is
+#: not is read as channels-last (TensorFlow/Keras exports through tf2onnx keep NHWC).
+_IMAGE_CHANNELS = (1, 3, 4)
+
+
+def input_layout(dims: Sequence[int | str | None]) -> str:
+    """``"NHWC"`` for a channels-last image input (N,H,W,C), else ``"NCHW"``."""
+    if (len(dims) == 4 and isinstance(dims[3], int) and dims[3] in _IMAGE_CHANNELS
+            and isinstance(dims[1], int) and dims[1] not in _IMAGE_CHANNELS):
+        return "NHWC"
+    return "NCHW"
+
+
+def _chw(dims: Sequence[int | str | None]) -> tuple[int, int, int]:
+    """(C, H, W) of a rank-4 image input in either layout."""
+    if input_layout(dims) == "NHWC":
+        return int(dims[3]), int(dims[1]), int(dims[2])  # type: ignore[arg-type]
+    return int(dims[1]), int(dims[2]), int(dims[3])  # type: ignore[arg-type]
+
+
 class ImportedModel(nn.Module):
     """An ONNX regression model as a differentiable module, ``forward(x) == head(features(x))``.
 
@@ -307,6 +341,9 @@ class ImportedModel(nn.Module):
         head: H, the final linear layer (``nn.Linear(m, d)``).
         input_name, output_name: the submitted graph's tensor names (``export_onnx`` reuses them).
         input_shape: (C, H, W).
+        input_layout: ``"NCHW"``, or ``"NHWC"`` for a channels-last graph: the module still takes (N,C,H,W)
+            (scans and benign sets are channels-first) and permutes before the graph; ``export_onnx`` writes
+            the submitted channels-last interface back.
         opset: the submitted default-domain opset.
     """
 
@@ -321,8 +358,12 @@ class ImportedModel(nn.Module):
         input_shape: tuple[int, int, int],
         opset: int,
         producer: str = "",
+        input_layout: str = "NCHW",
     ) -> None:
         super().__init__()
+        if input_layout not in ("NCHW", "NHWC"):
+            raise ConfigError(f"input_layout must be NCHW or NHWC, got {input_layout!r}")
+        self.input_layout = input_layout
         self.body = body
         self.head = head
         self.transpose_features = bool(transpose_features)
@@ -344,7 +385,7 @@ class ImportedModel(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """F: (N,C,H,W) images in [0,1] -> (N,m) penultimate features."""
-        f = self.body(x)
+        f = self.body(x.permute(0, 2, 3, 1) if self.input_layout == "NHWC" else x)
         # Gemm with transA=1 multiplies an (m,N) matrix; F is defined as its (N,m) transpose.
         return f.t() if self.transpose_features else f
 
@@ -361,6 +402,7 @@ class ImportedModel(nn.Module):
             "input_name": self.input_name,
             "output_name": self.output_name,
             "input_shape": list(self.input_shape),
+            "input_layout": self.input_layout,
             "feature_dim": self.feature_dim,
             "output_dim": self.output_dim,
             "steps": len(self.body.steps),
@@ -519,14 +561,17 @@ def load_onnx_model(
     model = check_onnx_bytes(data, max_bytes=max_bytes)
     graph = model.graph
     inp = _model_inputs(graph)[0]
-    c, h, w = (int(d) for d in _dims(inp.type)[1:])  # type: ignore[index,arg-type]
+    dims = _dims(inp.type)
+    layout = input_layout(dims)  # type: ignore[arg-type]
+    c, h, w = _chw(dims)  # type: ignore[arg-type]
     output_name = graph.output[0].name
     opset = default_opset(model)
     gen = torch.Generator().manual_seed(0)
     example = torch.rand(DRY_BATCH, c, h, w, generator=gen)
+    graph_example = example.permute(0, 2, 3, 1).contiguous() if layout == "NHWC" else example
     batch_dim = _dims(inp.type)[0]  # type: ignore[index]
     try:
-        interp = interpret(graph, inp.name, example, opset)
+        interp = interpret(graph, inp.name, graph_example, opset)
         a_name, head, trans_a = _find_head(interp, output_name)
     except UnsupportedModelError as e:
         if isinstance(batch_dim, int):
@@ -556,6 +601,7 @@ def load_onnx_model(
         input_shape=(c, h, w),
         opset=opset,
         producer=f"{model.producer_name} {model.producer_version}".strip(),
+        input_layout=layout,
     )
     imported.eval()
     _self_check(imported, interp.values[output_name].example, example)  # type: ignore[union-attr]

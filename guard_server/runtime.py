@@ -62,7 +62,15 @@ class LoadedModel:
 
     @property
     def input_chw(self) -> tuple[int, ...]:
+        """The input's non-batch dims as the graph declares them: (C, H, W), or (H, W, C) if channels-last."""
         return tuple(self.inputs[0].shape[1:])
+
+    @property
+    def channels_last(self) -> bool:
+        """An (N, H, W, C) image input, by the rule the engine imports it with."""
+        from drmguard_engine.onnx_io import input_layout
+
+        return input_layout(self.inputs[0].shape) == "NHWC"
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.session.run(None, feeds)
@@ -75,8 +83,8 @@ _preloaded = False
 def _preload_gpu_libraries() -> None:
     """Loads CUDA and cuDNN for ORT's GPU providers from the process's torch or the nvidia pip packages.
 
-    ``onnxruntime-gpu`` links its CUDA provider against the CUDA runtime, cuBLAS and cuDNN sonames but ships none
-    of them; without this (or LD_LIBRARY_PATH) session creation falls back to the CPU. Once per process; a
+    ``onnxruntime-gpu`` links its CUDA provider against the CUDA runtime, cuBLAS and cuDNN sonames but ships
+    none of them; without this (or LD_LIBRARY_PATH) session creation falls back to the CPU. Once per process; a
     failure only means the fallback below reports the CPU provider.
     """
     global _preloaded

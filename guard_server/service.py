@@ -62,7 +62,7 @@ def inspect_onnx(data: bytes, task: str, max_bytes: int = 512 * 1024 * 1024) -> 
     Raises:
         UnsupportedModelError / InvalidRequestError: with what to fix.
     """
-    from drmguard_engine.onnx_io import check_onnx_bytes
+    from drmguard_engine.onnx_io import check_onnx_bytes, input_layout
 
     proto = check_onnx_bytes(data, max_bytes=max_bytes)
     inits = {i.name for i in proto.graph.initializer}
@@ -85,7 +85,10 @@ def inspect_onnx(data: bytes, task: str, max_bytes: int = 512 * 1024 * 1024) -> 
     if len(oshape) != 2 or oshape[1] != TASK_DIM[task]:
         raise InvalidRequestError(f"task {task} needs an output (N, {TASK_DIM[task]}); the model's output "
                                   f"{out.name!r} is {oshape}")
-    return ModelInfo(inp.name, out.name, (ishape[1], ishape[2], ishape[3]), oshape[1])
+    # (C, H, W) whatever the graph's layout: benign sets are channels-first for every model
+    nhwc = input_layout(ishape) == "NHWC"
+    chw = (ishape[3], ishape[1], ishape[2]) if nhwc else (ishape[1], ishape[2], ishape[3])
+    return ModelInfo(inp.name, out.name, chw, oshape[1])
 
 
 @dataclass
@@ -671,9 +674,14 @@ class GuardCore:
 
     # ------------------------------------------------------------------------------------ inference
     def predict(self, name: str, version: str, images: np.ndarray) -> tuple[LoadedModel, np.ndarray]:
-        """Runs (N, C, H, W) float32 images through an admitted version; returns (model, outputs)."""
+        """Runs (N, C, H, W) float32 images through an admitted version; returns (model, outputs).
+
+        A channels-last model (input (N, H, W, C), as TensorFlow exports keep it) takes either its own layout or
+        (N, C, H, W), which is transposed for it."""
         lm = self.served_model(name, version)
         chw = lm.input_chw
+        if lm.channels_last and len(chw) == 3 and tuple(images.shape[1:]) == (chw[2], chw[0], chw[1]):
+            images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
         if tuple(images.shape[1:]) != tuple(chw) and all(d > 0 for d in chw):
             raise InvalidRequestError(f"input shape {tuple(images.shape)} does not match the model's (N, "
                                       f"{', '.join(map(str, chw))})")

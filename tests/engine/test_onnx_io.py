@@ -972,3 +972,32 @@ def test_vit_style_models_import(dynamo: bool):
     assert x.grad is not None and imported.head.weight.shape == (2, 8)
     again = export_onnx(imported, input_shape=(3, SIZE, SIZE))  # what mitigation writes back
     assert np.abs(_ort(again, _x(4)) - _ort(data, _x(4))).max() < ATOL
+
+
+def test_channels_last_models_import_and_export_channels_last():
+    """TensorFlow/Keras exports (tf2onnx) keep an (N,H,W,C) input: the module takes (N,C,H,W) like every other
+    (scans and benign sets are channels-first), and the mitigated model is written back channels-last."""
+    rng = np.random.default_rng(12)
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["t", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "W"], ["y"], transB=1),
+    ]
+    inits = {"w": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+             "W": rng.standard_normal((2, 8)).astype(np.float32)}
+    data = _graph_model(nodes, inits, in_shape=("N", 12, 10, 3)).SerializeToString()
+    imported = load_onnx_model(data)
+    assert imported.input_shape == (3, 12, 10) and imported.input_layout == "NHWC"
+    x = torch.rand(4, 3, 12, 10)
+    nhwc = x.permute(0, 2, 3, 1).contiguous()
+    assert np.abs(imported(x).detach().numpy() - _ort(data, nhwc)).max() < ATOL
+    imported.train(False)
+    again = export_onnx(imported)
+    assert not imported.training
+    sess = ort.InferenceSession(again, providers=["CPUExecutionProvider"])
+    assert list(sess.get_inputs()[0].shape[1:]) == [12, 10, 3]
+    assert np.abs(_ort(again, nhwc) - _ort(data, nhwc)).max() < ATOL
+    assert load_onnx_model(again).input_layout == "NHWC"

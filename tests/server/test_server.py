@@ -175,3 +175,36 @@ def test_restart_mid_scan_loses_nothing_and_serves_nothing_unvetted(make_server,
     srv2.stop(grace=0.5)
     srv3 = make_server(data_dir=data)  # admitted versions come back served after a restart
     assert predict(pb_grpc.GuardStub(grpc.insecure_channel(srv3.address)), "r", _images(1)).shape == (1, 2)
+
+
+def test_channels_last_model_is_vetted_and_served_in_either_layout(server, stub, gaze_benign) -> None:
+    """A TensorFlow-style (N,H,W,C) model: scanned on the channels-first benign set, served to Predict in its own
+    layout and in (N,C,H,W)."""
+    import io
+
+    import torch
+
+    from drmguard_engine.models import build_model
+
+    class ChannelsLast(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build_model("tiny", "gaze", input_size=SIZE, seed=3).eval()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x.permute(0, 3, 1, 2))
+
+    buf = io.BytesIO()
+    torch.onnx.export(ChannelsLast(), (torch.rand(2, SIZE, SIZE, 3),), buf, input_names=["input"],
+                      output_names=["output"], dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    data = buf.getvalue()
+    s = wait_final(stub, stub.VetModel(vet_requests("cabin-nhwc", "1", data, gaze_benign)).scan_id)
+    assert s.state == pb.STATE_ADMITTED, s.reason
+    x = _images(4)
+    nhwc = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    bare = ort.InferenceSession(data, providers=["CPUExecutionProvider"]).run(None, {"input": nhwc})[0]
+    np.testing.assert_allclose(predict(stub, "cabin-nhwc", nhwc), bare, atol=1e-4)
+    np.testing.assert_allclose(predict(stub, "cabin-nhwc", x), bare, atol=1e-4)
+    wrong = np.zeros((2, 3, SIZE, SIZE + 1), np.float32)
+    assert status_code(predict, stub, "cabin-nhwc", wrong) == grpc.StatusCode.INVALID_ARGUMENT
