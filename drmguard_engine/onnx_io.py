@@ -442,6 +442,54 @@ def _const(interp: Interpreted, name: str) -> torch.Tensor | None:
     return None
 
 
+#: Element-wise ops by a constant that may follow the final linear layer (unit conversions such as radians to
+#: degrees, offsets, output scaling); they are folded into H, which stays one linear layer.
+_AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
+
+
+def _affine_operand(interp: Interpreted, node: onnx.NodeProto) -> tuple[str, torch.Tensor, bool, str] | None:
+    """(op, constant, input-is-first, input name) when ``node`` is (N,d) op constant with a constant that
+    broadcasts along d, or constant op (N,d) for Mul, Add and Sub; else None."""
+    if len(node.input) != 2 or not all(node.input):
+        return None
+    a, b = node.input
+    va, vb = interp.values.get(a), interp.values.get(b)
+    dyn_first = isinstance(va, Dyn)
+    dyn, other = (a, b) if dyn_first else (b, a)
+    c = _const(interp, other)
+    v = interp.values.get(dyn)
+    if c is None or not isinstance(v, Dyn) or v.example.dim() != 2 or v.batch_axis != 0:
+        return None
+    if c.dim() > 2 or (c.dim() == 2 and c.shape[0] != 1):
+        return None
+    if not dyn_first and node.op_type == "Div":
+        return None  # c / y is not linear in y
+    del va, vb
+    return node.op_type, c.reshape(-1), dyn_first, dyn
+
+
+def _fold_affine(weight: torch.Tensor, bias: torch.Tensor, affine: list[tuple[str, torch.Tensor, bool]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """H after the element-wise constant ops ``affine`` (listed from the output backwards)."""
+    d = weight.shape[0]
+    for op, c, dyn_first in reversed(affine):
+        if c.numel() not in (1, d):
+            raise UnsupportedModelError(
+                f"{_LINEAR_MSG}; a {op} after it has {c.numel()} values for {d} outputs")
+        c = c.expand(d) if c.numel() == 1 else c
+        if op == "Mul":
+            weight, bias = weight * c[:, None], bias * c
+        elif op == "Div":
+            weight, bias = weight / c[:, None], bias / c
+        elif op == "Add":
+            bias = bias + c
+        elif dyn_first:  # y - c
+            bias = bias - c
+        else:  # c - y
+            weight, bias = -weight, c - bias
+    return weight, bias
+
+
 def _bias(c: torch.Tensor | None, d: int, scale: float, where: str) -> torch.Tensor:
     if c is None:
         return torch.zeros(d)
@@ -463,9 +511,19 @@ def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, b
     if not isinstance(values.get(name), Dyn):
         raise UnsupportedModelError("the output does not depend on the input")
     tail: list[str] = []
-    while producers[name].op_type in _TAIL_OPS:
+    affine: list[tuple[str, torch.Tensor, bool]] = []
+    while True:
         node = producers[name]
-        nxt = _dyn_input(interp, node)
+        if node.op_type in _TAIL_OPS:
+            nxt = _dyn_input(interp, node)
+        elif node.op_type in _AFFINE_OPS and (found := _affine_operand(interp, node)) is not None:
+            op, c, dyn_first, nxt = found
+            behind = producers[nxt].op_type if nxt in producers else ""
+            if behind and behind not in ("Gemm", "MatMul", *_TAIL_OPS, *_AFFINE_OPS):
+                break  # not (yet) behind a linear layer: leave it for the error message
+            affine.append((op, c, dyn_first))
+        else:
+            break
         if nxt is None or nxt not in producers:
             break
         tail.append(node.op_type)
@@ -474,6 +532,7 @@ def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, b
     out_shape = tuple(values[output_name].example.shape)  # type: ignore[union-attr]
 
     def linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+        weight, bias = _fold_affine(weight, bias, affine)
         d, m = weight.shape
         if (DRY_BATCH, d) != out_shape:
             raise UnsupportedModelError(

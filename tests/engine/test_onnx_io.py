@@ -1001,3 +1001,30 @@ def test_channels_last_models_import_and_export_channels_last():
     assert list(sess.get_inputs()[0].shape[1:]) == [12, 10, 3]
     assert np.abs(_ort(again, nhwc) - _ort(data, nhwc)).max() < ATOL
     assert load_onnx_model(again).input_layout == "NHWC"
+
+
+def test_constant_scaling_after_the_head_is_folded_into_it():
+    """Unit conversions and offsets after the final linear layer (radians to degrees, a calibration offset)
+    keep H one linear layer; a reciprocal (c / y) is not linear and is refused."""
+    rng = np.random.default_rng(13)
+    inits = _conv_gap_inits(rng) | {
+        "W": rng.standard_normal((2, 4)).astype(np.float32), "B": rng.standard_normal(2).astype(np.float32),
+        "deg": np.array(180 / np.pi, np.float32), "off": _f(1.5, -2.0).reshape(1, 2), "two": _f(2.0, 4.0),
+    }
+    nodes = _features_nodes() + [
+        helper.make_node("Gemm", ["f", "W", "B"], ["g"], transB=1),
+        helper.make_node("Mul", ["deg", "g"], ["t1"]),
+        helper.make_node("Add", ["t1", "off"], ["t2"]),
+        helper.make_node("Sub", ["off", "t2"], ["t3"]),
+        helper.make_node("Div", ["t3", "two"], ["y"]),
+    ]
+    model = _graph_model(nodes, inits)
+    imported = load_onnx_model(model.SerializeToString())
+    _check_against_ort(model, imported)
+    assert isinstance(imported.head, nn.Linear) and imported.head.out_features == 2
+    recip = _features_nodes() + [
+        helper.make_node("Gemm", ["f", "W", "B"], ["g"], transB=1),
+        helper.make_node("Div", ["two", "g"], ["y"]),
+    ]
+    with pytest.raises(UnsupportedModelError, match="found Div after it"):
+        load_onnx_model(_graph_model(recip, inits).SerializeToString())
