@@ -691,7 +691,18 @@ def prep_squeeze(ctx: Ctx) -> Fn:
         raise ctx.fail("squeezing the batch axis is not supported")
     if not dims:
         return lambda step, a: a[0]
-    return lambda step, a: a[0].squeeze(dims)
+    if any(shape[d] != 1 for d in dims):
+        raise ctx.fail(f"squeezes axes {list(dims)} of a {list(shape)} tensor; only size-1 axes squeeze")
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        # select(d, 0) rather than squeeze(d): the size is known to be 1 here, and a traced squeeze of an axis
+        # whose size the tracer does not know exports as an If node, which a re-import refuses
+        x = a[0]
+        for d in reversed(dims):
+            x = x.select(d, 0)
+        return x
+
+    return fn
 
 
 def prep_unsqueeze(ctx: Ctx) -> Fn:
