@@ -650,7 +650,13 @@ def _reshape_target(ctx: Ctx) -> list[int]:
         if not is_batch(t) and t == 0 and not allowzero:
             if i >= len(in_shape):
                 raise ctx.fail("Reshape copies a dimension (0) that the input does not have")
-            resolved.append(BATCH if (dyn and i == ctx.batch_axis(0)) else in_shape[i])
+            if dyn and i == ctx.batch_axis(0):
+                k = ctx.ins[0].batch_k  # type: ignore[union-attr]
+                if not k:
+                    raise ctx.fail("Reshape copies (0) an axis that is not a multiple of the batch size")
+                resolved.append(_Batch(k))
+            else:
+                resolved.append(in_shape[i])
         else:
             resolved.append(t)
     n_batch = sum(1 for t in resolved if is_batch(t))

@@ -889,6 +889,19 @@ _OP_CASES += [
         3,
     ),
     (
+        # (N*3, 8, 8): a batch x heads axis; Reshape's 0 copies it, batch multiple and all
+        "reshape_zero_copies_batch_times_heads",
+        17,
+        [
+            helper.make_node("Reshape", ["x", "s1"], ["a"]),
+            helper.make_node("Reshape", ["a", "s2"], ["b"]),
+            helper.make_node("Relu", ["b"], ["c"]),
+            helper.make_node("Reshape", ["c", "s3"], ["m"]),
+        ],
+        {"s1": _i(-1, 8, 8), "s2": _i(0, 64), "s3": _i(-1, 3, 8, 8)},
+        3,
+    ),
+    (
         "expand_static",
         17,
         [
