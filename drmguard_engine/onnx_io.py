@@ -453,8 +453,7 @@ def _affine_operand(interp: Interpreted, node: onnx.NodeProto) -> tuple[str, tor
     if len(node.input) != 2 or not all(node.input):
         return None
     a, b = node.input
-    va, vb = interp.values.get(a), interp.values.get(b)
-    dyn_first = isinstance(va, Dyn)
+    dyn_first = isinstance(interp.values.get(a), Dyn)
     dyn, other = (a, b) if dyn_first else (b, a)
     c = _const(interp, other)
     v = interp.values.get(dyn)
@@ -464,7 +463,6 @@ def _affine_operand(interp: Interpreted, node: onnx.NodeProto) -> tuple[str, tor
         return None
     if not dyn_first and node.op_type == "Div":
         return None  # c / y is not linear in y
-    del va, vb
     return node.op_type, c.reshape(-1), dyn_first, dyn
 
 
@@ -565,25 +563,14 @@ def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, b
                 raise UnsupportedModelError(f"{_LINEAR_MSG}; the Gemm bias must be a constant")
             check_a(node.input[0], ta)
             return node.input[0], linear(weight, _bias(c, weight.shape[0], beta, "the Gemm")), ta
-    matmul, c = None, None
-    if node.op_type == "Add":
-        for i, j in ((0, 1), (1, 0)):
-            a, other = node.input[i], node.input[j]
-            if (
-                isinstance(values.get(a), Dyn)
-                and producers[a].op_type == "MatMul"
-                and _const(interp, other) is not None
-            ):
-                matmul, c = producers[a], _const(interp, other)
-                break
-    elif node.op_type == "MatMul":
-        matmul = node
+    # MatMul + Add: the Add (a constant bias) was folded on the way back, like any constant op after H
+    matmul = node if node.op_type == "MatMul" else None
     if matmul is not None and isinstance(values.get(matmul.input[0]), Dyn):
         b = _const(interp, matmul.input[1])
         if b is not None and b.dim() == 2:
             check_a(matmul.input[0], False)
             weight = b.t()
-            return matmul.input[0], linear(weight, _bias(c, weight.shape[0], 1.0, "the final Add")), False
+            return matmul.input[0], linear(weight, torch.zeros(weight.shape[0])), False
 
     # Not a linear layer: say what stands between the last linear layer and the output.
     after = [node.op_type]
