@@ -534,12 +534,14 @@ def mitigate(
         j = torch.randperm(x_rp.shape[0], generator=gen)[:half].to(dev)
         xb = torch.cat([x_tr[i], x_rp[j]])
         yb = torch.cat([y_tr[i], y_rp[j]])
-        n_nb = int(round(cfg.neighbourhood_share * half)) if cfg.neighbourhood_sigma > 0 and refreshable else 0
+        nb_on = cfg.neighbourhood_sigma > 0 and refreshable
+        n_nb = int(round(cfg.neighbourhood_share * j.numel())) if nb_on else 0
         if n_nb:
             _, probe = refreshable[int(torch.randint(len(refreshable), (1,), generator=gen))]
             k = torch.randperm(n, generator=gen)[:n_nb].to(dev)
-            xb[half : half + n_nb] = _neighbour(probe, cfg.neighbourhood_sigma, gen)(x_tr[k])
-            yb[half : half + n_nb] = y_tr[k]
+            off = i.numel()  # the D_rp part of the batch starts here
+            xb[off : off + k.numel()] = _neighbour(probe, cfg.neighbourhood_sigma, gen)(x_tr[k])
+            yb[off : off + k.numel()] = y_tr[k]
         loss = (model(xb) - yb).abs().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
