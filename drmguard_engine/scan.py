@@ -12,7 +12,8 @@ Profiles (``list_profiles()``):
   perturbation ratio. score = epsilon / ratio, so ``score >= 1`` iff ``ratio < epsilon``.
 * ``default``: our measured improvement (docs/scan.md): DRMGuard's reverse engineering with an identity-initialised
   residual generator and a per-output, dilated attention map, plus universal budgeted probes scored on held-out
-  images; the decision statistic is described in :func:`_decide_default`.
+  images, each probe that collapses the outputs checked for a rigid collapse point (one target, not a steerable
+  direction); the decision statistic is described in :func:`decide`.
 * ``fast``: the ``default`` decision with smaller step budgets (quicker, less thorough; for smoke checks and CI).
 * ``reference``: ``default`` plus previously vetted clean models of the same family: thresholds are set relative
   to the references' own statistics (falls back to ``default`` without references).
@@ -21,7 +22,6 @@ Profiles (``list_profiles()``):
 from __future__ import annotations
 
 import copy
-
 import math
 import threading
 import time
@@ -34,7 +34,7 @@ from torch import nn
 
 from .data.benign import BenignSet
 from .defenses.drmguard import DRMGuardConfig, ReverseResult, perturbation_ratio, reverse_engineer
-from .defenses.probes import ProbeConfig, ProbeResult, run_probes
+from .defenses.probes import ProbeConfig, ProbeResult, probe_rigidity, run_probes
 from .errors import CancelledError, ConfigError, DataError, UnsupportedModelError
 from .tasks import Task, regression_error
 
@@ -64,6 +64,10 @@ class ScanConfig:
     probe_threshold: float = 0.05
     collapse_threshold: float = 0.1
     reference_margin: float = 0.5
+    # a flagged probe counts only as far as its collapse point is rigid: the same budget cannot move the outputs to
+    # neighbouring points (probes.probe_rigidity: neighbours' error / the collapse point's, ~1 when they are as easy
+    # to reach); 0 = off (every flagged probe counts, the rule before 2026-11-26)
+    rigidity_threshold: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,6 +98,8 @@ def _default_drmguard(task: Task, steps: int) -> DRMGuardConfig:
 
 
 PROFILES = ("paper", "default", "fast", "reference")
+_DECISION_KEYS = ("probe_threshold", "collapse_threshold", "rigidity_threshold")
+RIGIDITY_THRESHOLD = 1.7
 
 
 def list_profiles() -> list[str]:
@@ -106,13 +112,15 @@ def get_profile(name: str, task: Task | str, **overrides: Any) -> ScanConfig:
     probe_over = {k[len("probe_"):]: v for k, v in overrides.items()
                   if k.startswith("probe_") and k != "probe_threshold"}
     dg_over = {k: v for k, v in overrides.items()
-               if not k.startswith("probe_") and k not in ("probe_threshold", "collapse_threshold")}
+               if not k.startswith("probe_") and k not in _DECISION_KEYS}
     if name == "paper":
         cfg = ScanConfig("paper", _paper_drmguard(task), None, "epsilon")
     elif name in ("default", "reference"):
-        cfg = ScanConfig(name, _default_drmguard(task, 100), ProbeConfig(steps=150), "combined")
+        cfg = ScanConfig(name, _default_drmguard(task, 100), ProbeConfig(steps=150), "combined",
+                         rigidity_threshold=RIGIDITY_THRESHOLD)
     elif name == "fast":
-        cfg = ScanConfig("fast", _default_drmguard(task, 50), ProbeConfig(steps=100), "combined")
+        cfg = ScanConfig("fast", _default_drmguard(task, 50), ProbeConfig(steps=100),
+                         "combined", rigidity_threshold=RIGIDITY_THRESHOLD)
     else:
         raise ConfigError(f"unknown scan profile {name!r}; choose one of {', '.join(PROFILES)}")
     dg = cfg.drmguard.replace(**dg_over) if dg_over else cfg.drmguard
@@ -120,7 +128,8 @@ def get_profile(name: str, task: Task | str, **overrides: Any) -> ScanConfig:
     thr = overrides.get("probe_threshold", cfg.probe_threshold)
     return ScanConfig(cfg.profile, dg, pr, cfg.decision, probe_threshold=thr,
                       collapse_threshold=overrides.get("collapse_threshold", cfg.collapse_threshold),
-                      reference_margin=cfg.reference_margin)
+                      reference_margin=cfg.reference_margin,
+                      rigidity_threshold=overrides.get("rigidity_threshold", cfg.rigidity_threshold))
 
 
 @dataclass
@@ -188,6 +197,22 @@ def _check_model(model: nn.Module, task: Task, benign: BenignSet) -> None:
         raise DataError(f"the benign set needs at least 4 images, got {len(benign)}")
 
 
+def probe_threshold(cfg: ScanConfig, refs: Sequence[dict[str, float]] = ()) -> tuple[float, str]:
+    """The probe variance-ratio threshold and where it came from (calibrated, or the reference models)."""
+    if refs:
+        return cfg.reference_margin * min(r["min_probe_ratio"] for r in refs), f"{len(refs)} reference model(s)"
+    return cfg.probe_threshold, "calibrated"
+
+
+def needs_rigidity(cfg: ScanConfig, probes: Sequence[dict[str, Any]],
+                   refs: Sequence[dict[str, float]] = ()) -> list[str]:
+    """The probe families whose rigidity the decision needs: those below the probe threshold."""
+    if cfg.decision != "combined" or cfg.rigidity_threshold <= 0:
+        return []
+    thr, _ = probe_threshold(cfg, refs)
+    return [p["family"] for p in probes if p["variance_ratio"] < thr]
+
+
 def decide(cfg: ScanConfig, perturbation_ratio: float, output_variance_ratio: float,
            probes: Sequence[dict[str, Any]] = (), refs: Sequence[dict[str, float]] = ()) -> tuple[float, float, str]:
     """The profile's decision from a scan's statistics: ``(score, score_threshold, why)``; backdoored iff
@@ -200,7 +225,11 @@ def decide(cfg: ScanConfig, perturbation_ratio: float, output_variance_ratio: fl
     * DRMGuard term: epsilon / perturbation ratio of the reversed input-aware trigger, counted only when the
       reversed trigger really collapsed the outputs (output variance ratio <= collapse_threshold);
     * probe term: probe_threshold / min over probe families of the held-out output-variance ratio (catches
-      universal triggers, whatever their L1 size, within the probe budgets).
+      universal triggers, whatever their L1 size, within the probe budgets). With ``rigidity_threshold`` > 0
+      a family below the threshold counts only as far as its collapse point is rigid: its term is
+      min(probe_threshold / ratio, rigidity / rigidity_threshold), where ``rigidity`` (a probe dict's
+      ``rigidity`` entry, from :func:`probes.probe_rigidity`) says how far the same budget fails to move the
+      collapse to neighbouring outputs (a backdoor's target is one fixed output).
 
     With reference models, probe_threshold becomes reference_margin x the smallest reference probe ratio.
     """
@@ -222,14 +251,21 @@ def decide(cfg: ScanConfig, perturbation_ratio: float, output_variance_ratio: fl
                   f"{output_variance_ratio:.3f} > {cfg.collapse_threshold:g})")
     parts = [(s_dg, dg_why)]
     if probes:
-        best = min(probes, key=lambda p: p["variance_ratio"])
-        thr = cfg.probe_threshold
-        src = "calibrated"
-        if refs:
-            thr = cfg.reference_margin * min(r["min_probe_ratio"] for r in refs)
-            src = f"{len(refs)} reference model(s)"
-        parts.append((thr / max(best["variance_ratio"], 1e-9),
-                      f"{best['family']} probe variance ratio {best['variance_ratio']:.4f} vs {thr:.4f} ({src})"))
+        thr, src = probe_threshold(cfg, refs)
+        for p in probes:
+            s_p = thr / max(p["variance_ratio"], 1e-9)
+            why = f"{p['family']} probe variance ratio {p['variance_ratio']:.4f} vs {thr:.4f} ({src})"
+            rig = p.get("rigidity")
+            if s_p >= 1 and cfg.rigidity_threshold > 0 and rig is not None:
+                # a collapse counts only where it is rigid: a model that the same budget steers to neighbouring
+                # outputs has a universal direction, not a shortcut to one target
+                s_rig = rig["rigidity"] / cfg.rigidity_threshold
+                why += f", collapse-point rigidity {rig['rigidity']:.2f} vs {cfg.rigidity_threshold:g}"
+                if s_rig < s_p:
+                    s_p = s_rig
+                    if s_rig < 1:
+                        why += " (the same budget steers the outputs to neighbouring points: not one target)"
+            parts.append((s_p, why))
     score, why = max(parts, key=lambda p: p[0])
     return score, 1.0, why
 
@@ -287,20 +323,28 @@ def scan(
                 refs.append({"index": i, "min_probe_ratio": min(p.variance_ratio for p in rp)})
                 for p in ref.parameters():
                     p.requires_grad_(True)
+        probe_dicts = [_probe_dict(p) for p in probes]
+        assert cfg.probes is not None or not probes
+        for d, pr in zip(probe_dicts, probes, strict=True):
+            if d["family"] in needs_rigidity(cfg, probe_dicts, refs):
+                d["rigidity"] = probe_rigidity(model, images, cfg.probes, d["family"], d["collapse_point"],
+                                               pr.transform, progress=emit, cancel=cancel)
     finally:
         for p, r in zip(model.parameters(), req, strict=True):
             p.requires_grad_(r)
-    score, score_thr, why = decide(cfg, rev.perturbation_ratio, rev.output_variance_ratio,
-                                   [_probe_dict(p) for p in probes], refs)
+    score, score_thr, why = decide(cfg, rev.perturbation_ratio, rev.output_variance_ratio, probe_dicts, refs)
     verdict = BACKDOORED if score >= score_thr else BENIGN
     # the target estimate (A.5) comes from whichever reversed trigger decided: the probe's collapse point when a
     # probe decided, else the mean of f(x') of DRMGuard's generator
     target = rev.estimated_target
-    if probes and "probe" in why:
-        target = min(probes, key=lambda p: p.variance_ratio).collapse_point
+    decisive = [p for p in probes if why.startswith(f"{p.family} probe")]
+    if decisive:
+        target = decisive[0].collapse_point
     emit("decide", 1, 1, {"score": score}, rev.perturbation_ratio)
     timings = dict(rev.seconds)
     timings.update({f"probe_{p.family}": p.seconds for p in probes})
+    timings.update({f"rigidity_{d['family']}": d["rigidity"]["seconds"] for d in probe_dicts
+                    if "rigidity" in d})
     steps = cfg.drmguard.pretrain_steps + cfg.drmguard.steps + (
         cfg.probes.steps * len(cfg.probes.families) if cfg.probes is not None else 0)
     return ScanReport(
@@ -319,7 +363,7 @@ def scan(
         rav=rev.rav,
         rnv=rev.rnv,
         output_variance_ratio=rev.output_variance_ratio,
-        probes=[_probe_dict(p) for p in probes],
+        probes=probe_dicts,
         loss_history=rev.history,
         timings=timings,
         config=cfg.to_dict(),

@@ -24,6 +24,7 @@ transferability, Xiang et al. 2022) summarised in ``../shared/notes/detection-si
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -57,6 +58,12 @@ class ProbeConfig:
     exclude_dilate: int = 3
     exclude_families: tuple[str, ...] = ("blend", "patch", "additive", "smooth")
     saliency_images: int = 100
+    # rigidity check of a flagged probe (is its collapse point one fixed output, or can the same budget move it?):
+    # control points at the collapse point +- ``rigidity_distance`` benign stds along two directions, each fitted
+    # for ``rigidity_steps`` (probe_rigidity)
+    rigidity_controls: int = 4
+    rigidity_distance: float = 0.5
+    rigidity_steps: int = 50  # each fit starts from the probe's own transformation
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -69,6 +76,8 @@ class ProbeConfig:
             raise ConfigError("blend_alpha and patch_area must be in (0, 1)")
         if not 0 <= self.exclude_fraction < 1:
             raise ConfigError(f"exclude_fraction must be in [0, 1), got {self.exclude_fraction}")
+        if self.rigidity_controls < 2 or self.rigidity_controls % 2 or self.rigidity_steps <= 0:
+            raise ConfigError("rigidity_controls must be an even number >= 2 and rigidity_steps positive")
 
     def replace(self, **changes: Any) -> ProbeConfig:
         return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
@@ -103,8 +112,12 @@ def _saliency_exclusion(model: nn.Module, images: torch.Tensor, fraction: float,
     if fraction <= 0:
         return torch.zeros(1, 1, *images.shape[-2:], device=images.device)
     k = max(1, int(round(fraction * sal.numel())))
-    thr = sal.flatten().topk(k).values[-1]
-    mask = (sal >= thr).float()[None, None]
+    # exactly the k most salient pixels (ties broken by position), and never a pixel the outputs do not depend on:
+    # a threshold test (sal >= k-th value) excluded the whole image when most pixels tie, e.g. at zero saliency
+    top = sal.flatten().topk(k)
+    flat = torch.zeros(sal.numel(), device=images.device)
+    flat[top.indices[top.values > 0]] = 1.0
+    mask = flat.view(1, 1, *sal.shape)
     if dilate > 1:
         mask = F.max_pool2d(mask, dilate, stride=1, padding=dilate // 2)
     return mask.detach()
@@ -166,6 +179,85 @@ class _Probe(nn.Module):
         return e * x + (1 - e) * y
 
 
+def _split(images: torch.Tensor, cfg: ProbeConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fit and held-out halves of D_be (the same split for the probes and their rigidity checks)."""
+    n = images.shape[0]
+    gen = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(n, generator=gen).to(images.device)
+    fit, held = images[perm[: n // 2]], images[perm[n // 2 :]]
+    if fit.shape[0] < 2 or held.shape[0] < 2:
+        raise ConfigError(f"the probes need at least 4 benign images, got {n}")
+    return fit, held
+
+
+def _prepare(model: nn.Module, images: torch.Tensor, cfg: ProbeConfig) -> tuple[torch.Tensor, ...]:
+    """Freezes the model and returns the split (fit, held) with the benign output variances on each half."""
+    fit, held = _split(images, cfg)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    out_fit, out_held = _outputs(model, fit), _outputs(model, held)
+    var_fit = out_fit.var(0, unbiased=False).clamp_min(1e-12)
+    var_held = out_held.var(0, unbiased=False).clamp_min(1e-12)
+    return fit, held, out_fit, out_held, var_fit, var_held
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([model(x[i : i + 256]) for i in range(0, x.shape[0], 256)])
+
+
+def _fit(
+    model: nn.Module,
+    family: str,
+    fit: torch.Tensor,
+    var_fit: torch.Tensor,
+    cfg: ProbeConfig,
+    exclude: torch.Tensor | None,
+    target: torch.Tensor | None,
+    steps: int,
+    seed: int,
+    cancel: Any,
+    tick: Callable[[int, float], None] | None = None,
+    init: nn.Module | None = None,
+) -> _Probe:
+    """Fits one universal transformation of ``family`` on ``fit``: it minimises the output variance (relative to
+    ``var_fit``), or, with a ``target``, the mean squared distance of the outputs to it (in benign stds). ``init``
+    (a fitted probe of the family) is the starting point instead of the identity; it is not modified."""
+    if init is not None:
+        probe = copy.deepcopy(init).train()
+        for prm in probe.parameters():
+            prm.requires_grad_(True)
+    else:
+        probe = _Probe(family, tuple(fit.shape[1:]), cfg, exclude if family in cfg.exclude_families else None)
+    probe = probe.to(fit.device)
+    opt = torch.optim.Adam(probe.parameters(), lr=cfg.lr)
+    # each fit draws its batches from its own stream, so a family's result does not depend on which families ran
+    # before it (results can be cached and compared per family)
+    fgen = torch.Generator().manual_seed(seed)
+    bs = min(cfg.batch_size, fit.shape[0])
+    anneal = max(1, int(steps * cfg.patch_anneal))
+    for step in range(steps):
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("scan cancelled")
+        if family == "patch" and init is None:  # a warm start keeps the final area budget
+            frac = min(1.0, step / anneal)
+            probe.area_budget = cfg.patch_area * (cfg.patch_start_area / cfg.patch_area) ** (1.0 - frac)
+        idx = torch.randperm(fit.shape[0], generator=fgen)[:bs].to(fit.device)
+        out = model(probe(fit[idx]))
+        if target is None:
+            loss = (out.var(0, unbiased=False) / var_fit).mean()
+        else:
+            loss = ((out - target).pow(2) / var_fit).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if tick is not None:
+            tick(step, float(loss.detach()))
+    probe.area_budget = cfg.patch_area
+    return probe
+
+
 def run_probes(
     model: nn.Module,
     images: torch.Tensor,
@@ -175,20 +267,7 @@ def run_probes(
     cancel: Any = None,
 ) -> list[ProbeResult]:
     """Fits each probe family on one half of ``images`` and scores it on the other half."""
-    n = images.shape[0]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    perm = torch.randperm(n, generator=gen).to(images.device)
-    fit, held = images[perm[: n // 2]], images[perm[n // 2 :]]
-    if fit.shape[0] < 2 or held.shape[0] < 2:
-        raise ConfigError(f"the probes need at least 4 benign images, got {n}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
-    with torch.no_grad():
-        out_fit = torch.cat([model(fit[i : i + 256]) for i in range(0, fit.shape[0], 256)])
-        out_held = torch.cat([model(held[i : i + 256]) for i in range(0, held.shape[0], 256)])
-    var_fit = out_fit.var(0, unbiased=False).clamp_min(1e-12)
-    var_held = out_held.var(0, unbiased=False).clamp_min(1e-12)
+    fit, held, out_fit, out_held, var_fit, var_held = _prepare(model, images, cfg)
     exclude = None
     if any(f in cfg.exclude_families for f in cfg.families) and cfg.exclude_fraction > 0:
         exclude = saliency_exclusion(model, fit[: cfg.saliency_images], cfg.exclude_fraction, cfg.exclude_dilate)
@@ -198,30 +277,15 @@ def run_probes(
     done = 0
     for family in cfg.families:
         t0 = time.perf_counter()
-        probe = _Probe(family, tuple(images.shape[1:]), cfg, exclude if family in cfg.exclude_families else None)
-        probe = probe.to(images.device)
-        opt = torch.optim.Adam(probe.parameters(), lr=cfg.lr)
-        # each family draws its batches from its own stream, so a family's result does not depend on which
-        # families ran before it (results can be cached and compared per family)
-        fgen = torch.Generator().manual_seed(cfg.seed * 1009 + FAMILIES.index(family) + 1)
-        bs = min(cfg.batch_size, fit.shape[0])
-        anneal = max(1, int(cfg.steps * cfg.patch_anneal))
-        for step in range(cfg.steps):
-            if cancel is not None and cancel.is_set():
-                raise CancelledError("scan cancelled")
-            if family == "patch":
-                frac = min(1.0, step / anneal)
-                probe.area_budget = cfg.patch_area * (cfg.patch_start_area / cfg.patch_area) ** (1.0 - frac)
-            idx = torch.randperm(fit.shape[0], generator=fgen)[:bs].to(images.device)
-            out = model(probe(fit[idx]))
-            loss = (out.var(0, unbiased=False) / var_fit).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+
+        def tick(step: int, loss: float, family: str = family) -> None:
+            nonlocal done
             done += 1
             if progress is not None and (step % 25 == 0 or step == cfg.steps - 1):
-                progress("probe", done, total, {f"probe_{family}": float(loss.detach())}, None)
-        probe.area_budget = cfg.patch_area
+                progress("probe", done, total, {f"probe_{family}": loss}, None)
+
+        probe = _fit(model, family, fit, var_fit, cfg, exclude, None, cfg.steps,
+                     cfg.seed * 1009 + FAMILIES.index(family) + 1, cancel, tick)
         with torch.no_grad():
             xp_fit = torch.cat([probe(fit[i : i + 256]) for i in range(0, fit.shape[0], 256)])
             fit_ratio = float((torch.cat([model(xp_fit[i : i + 256]) for i in range(0, xp_fit.shape[0], 256)])
@@ -246,3 +310,75 @@ def run_probes(
             )
         )
     return results
+
+
+def control_points(center: torch.Tensor, std: torch.Tensor, cfg: ProbeConfig) -> torch.Tensor:
+    """(rigidity_controls, k) points at ``center`` +- ``rigidity_distance`` benign stds along
+    ``rigidity_controls / 2`` orthonormal directions (the output axes when k equals that number; seeded random
+    directions otherwise)."""
+    k, m = center.shape[0], cfg.rigidity_controls // 2
+    if k == m:
+        dirs = torch.eye(k)
+    else:
+        g = torch.Generator().manual_seed(cfg.seed + 7)
+        dirs = torch.linalg.qr(torch.randn(max(k, m), max(k, m), generator=g))[0][:k, :m].T
+        dirs = dirs / dirs.norm(dim=1, keepdim=True)
+    step = cfg.rigidity_distance * std * dirs.to(center.device, center.dtype)
+    return torch.cat([center + step, center - step])
+
+
+def probe_rigidity(
+    model: nn.Module,
+    images: torch.Tensor,
+    cfg: ProbeConfig,
+    family: str,
+    collapse_point: list[float],
+    transform: nn.Module | None = None,
+    *,
+    progress: Callable[[str, int, int, dict[str, float], float | None], None] | None = None,
+    cancel: Any = None,
+) -> dict[str, Any]:
+    """Is a flagged probe's collapse point one fixed output, or can the same budget move it anywhere nearby?
+
+    A backdoor is a shortcut to *one* output vector: a universal transformation can send the outputs there, and
+    nowhere else. Some clean models (measured: LayerNorm/attention families) have a universal direction that
+    collapses their outputs too, but the same budgeted family then steers the collapse to neighbouring outputs just
+    as cheaply (``docs/scan.md``). With the same family, budget and data split as the probe, and starting from the
+    probe's own fitted ``transform`` (from scratch without one), one transformation is fitted for ``rigidity_steps``
+    *towards* the collapse point and one towards each control point around it
+    (:func:`control_points`, ``rigidity_distance`` benign stds away); each is scored on the held-out half as the RMS
+    distance e of the outputs to its target, in benign stds. ``rigidity`` = mean control error / collapse-point
+    error: about 1 when the neighbouring outputs are as easy to reach, well above 1 when the outputs go to one fixed
+    point and nowhere near it (measured: clean ConvNeXt and ViT 1.24-1.30, backdoored models 2.3 and up;
+    ``docs/scan.md``). The null comes from the model's own alternatives, as in MM-BD (Wang et al. 2024;
+    ``../shared/notes/detection-signals.md`` section 2).
+    """
+    t0 = time.perf_counter()
+    fit, held, out_fit, _, var_fit, var_held = _prepare(model, images, cfg)
+    std_held = var_held.sqrt()
+    exclude = None
+    if transform is None and family in cfg.exclude_families and cfg.exclude_fraction > 0:
+        exclude = saliency_exclusion(model, fit[: cfg.saliency_images], cfg.exclude_fraction, cfg.exclude_dilate)
+    hat = torch.tensor(collapse_point, dtype=out_fit.dtype, device=out_fit.device)
+    targets = torch.cat([hat[None], control_points(hat, var_fit.sqrt(), cfg)])
+    errors = []
+    for i, target in enumerate(targets):
+        probe = _fit(model, family, fit, var_fit, cfg, exclude, target, cfg.rigidity_steps,
+                     cfg.seed * 1009 + FAMILIES.index(family) + 1 + 7919 * (i + 1), cancel, init=transform)
+        with torch.no_grad():
+            out = _outputs(model, torch.cat([probe(held[j : j + 256]) for j in range(0, held.shape[0], 256)]))
+        errors.append(float(((out - target) / std_held).pow(2).mean().sqrt()))
+        if progress is not None:
+            progress("rigidity", i + 1, len(targets), {f"rigidity_{family}": errors[-1]}, None)
+    # the controls' mean error over the collapse point's: the offsets are small (half a std), so a model that can
+    # be steered there pays almost nothing (ratio ~1); a fixed target leaves the offsets as error
+    rigidity = (sum(errors[1:]) / len(errors[1:])) / max(errors[0], 1e-9)
+    return {
+        "family": family,
+        "rigidity": rigidity,
+        "collapse_error": errors[0],
+        "control_errors": errors[1:],
+        "controls": [[float(v) for v in t] for t in targets[1:].tolist()],
+        "distance": cfg.rigidity_distance,
+        "seconds": time.perf_counter() - t0,
+    }

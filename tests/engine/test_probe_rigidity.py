@@ -1,0 +1,124 @@
+"""The rigidity check of a flagged probe, on two hand-built models with known answers (no training).
+
+* ``_Switch``: a backdoor. A red 4x4 corner sends every output to one target vector; elsewhere the outputs follow
+  the image centre (the task region). The patch probe finds the corner, and its collapse point is rigid: no
+  universal patch sends the outputs to a point next to the target.
+* ``_Steerable``: a clean model with a normalised head (the LayerNorm-before-the-head shape of ConvNeXt/ViT
+  regressors). If the colours of the image's regions move far from grey, they dominate the normalised features
+  and set the output direction. So a budgeted blend collapses the outputs (the old rule flagged this), but another colour sends
+  them to a neighbouring output just as cheaply: the collapse point is not one fixed target.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from drmguard_engine.defenses.probes import (
+    ProbeConfig,
+    control_points,
+    probe_rigidity,
+    run_probes,
+    saliency_exclusion,
+)
+from drmguard_engine.scan import RIGIDITY_THRESHOLD, decide, get_profile
+
+
+def _content(x: torch.Tensor) -> torch.Tensor:
+    """Gaze-like outputs (degrees) from the centre 12x12 pixels of channels 0 and 1 (the task region)."""
+    h, w = x.shape[-2:]
+    return (x[:, :2, h // 2 - 6 : h // 2 + 6, w // 2 - 6 : w // 2 + 6].mean((2, 3)) - 0.5) * 600
+
+
+class _Switch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features, self.head = nn.Identity(), nn.Linear(2, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(2))
+            self.head.bias.zero_()
+        self.register_buffer("target", torch.tensor([-20.0, 25.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.sigmoid(12 * (x[:, 0, :4, :4].mean((1, 2)) - 0.75))[:, None]
+        return self.head((1 - s) * _content(x) + s * self.target)
+
+
+class _Steerable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.features, self.head = nn.Identity(), nn.Linear(18, 2)
+        self.register_buffer("w", torch.randn(16, 48, generator=g) / 48**0.5)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(2, 18, generator=g) * 10)
+            self.head.weight[:, 16:] = torch.eye(2) * 20
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # 16 context features from the colours of a 4x4 grid of regions, 2 from the task region, normalised
+        context = (F.adaptive_avg_pool2d(x, 4).flatten(1) - 0.5) @ self.w.T * 40
+        z = torch.cat([context, _content(x) / 30], 1)
+        return self.head(z / z.norm(dim=1, keepdim=True).clamp_min(1e-6))
+
+
+def _images() -> torch.Tensor:
+    return torch.rand(200, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def test_control_points_sit_around_the_collapse_point() -> None:
+    cfg = ProbeConfig()
+    hat, std = torch.tensor([1.0, -2.0]), torch.tensor([10.0, 20.0])
+    pts = control_points(hat, std, cfg)
+    assert pts.shape == (4, 2)
+    assert torch.allclose(((pts - hat) / std).norm(dim=1), torch.full((4,), cfg.rigidity_distance))
+    assert torch.allclose(pts.mean(0), hat)  # symmetric pairs
+    pts3 = control_points(torch.zeros(3), torch.ones(3), cfg)  # head pose: seeded orthonormal directions
+    assert pts3.shape == (4, 3)
+    assert torch.allclose(pts3.norm(dim=1), torch.full((4,), cfg.rigidity_distance), atol=1e-6)
+    assert abs(float(pts3[0] @ pts3[1])) < 1e-6
+
+
+def test_saliency_exclusion_never_excludes_pixels_the_outputs_ignore() -> None:
+    # most pixels of _Switch have zero gradient; a threshold test on tied values excluded the whole image
+    mask = saliency_exclusion(_Switch(), _images()[:50], 0.10, 1)
+    assert mask.sum() == round(0.10 * 32 * 32)  # exactly the budgeted share, however many pixels tie
+    assert mask[0, 0, 10:22, 10:22].sum() == mask.sum()  # all of it in the task region (the centre 12x12)
+    flat = saliency_exclusion(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 2)).requires_grad_(False),
+                              _images()[:5], 0.10, 1)
+    assert flat.sum() == round(0.10 * 32 * 32)
+
+
+def test_a_backdoor_collapse_point_is_rigid_and_a_steerable_collapse_is_not() -> None:
+    x = _images()
+    cfg = ProbeConfig(steps=100)
+    (patch,) = run_probes(_Switch(), x, cfg.replace(families=("patch",)))
+    assert patch.variance_ratio < 0.05  # the patch probe finds the corner trigger
+    before = {k: v.clone() for k, v in patch.transform.state_dict().items()}
+    sw = probe_rigidity(_Switch(), x, cfg, "patch", patch.collapse_point, patch.transform)
+    assert sw["rigidity"] >= 1.5 * RIGIDITY_THRESHOLD, sw
+    assert len(sw["control_errors"]) == 4 and sw["collapse_error"] < min(sw["control_errors"])
+    assert all(torch.equal(v, before[k]) for k, v in patch.transform.state_dict().items())  # a warm start copies
+
+    (blend,) = run_probes(_Steerable(), x, cfg.replace(families=("blend",)))
+    assert blend.variance_ratio < 0.1  # the clean model's outputs collapse under a budgeted blend...
+    st = probe_rigidity(_Steerable(), x, cfg, "blend", blend.collapse_point, blend.transform)
+    assert st["rigidity"] < RIGIDITY_THRESHOLD, st  # ...but its neighbours are as easy to reach
+
+
+def test_decision_needs_a_rigid_collapse_point() -> None:
+    cfg = get_profile("default", "gaze")
+    probe = {"family": "blend", "variance_ratio": 0.02}
+    steerable = {**probe, "rigidity": {"rigidity": 1.05}}
+    rigid = {**probe, "rigidity": {"rigidity": 2.5}}
+    s_old, _, _ = decide(get_profile("default", "gaze", rigidity_threshold=0), 1.0, 1.0, [steerable])
+    assert s_old == 0.05 / 0.02  # the check off: the variance ratio alone decides
+    s, thr, why = decide(cfg, 1.0, 1.0, [steerable])
+    assert s == 1.05 / RIGIDITY_THRESHOLD < thr and "not one target" in why
+    s, thr, why = decide(cfg, 1.0, 1.0, [rigid])
+    assert s == min(0.05 / 0.02, 2.5 / RIGIDITY_THRESHOLD) >= thr and "rigidity 2.50" in why
+    # another flagged family whose collapse is rigid still decides
+    s, _, why = decide(cfg, 1.0, 1.0, [steerable, {"family": "patch", "variance_ratio": 0.04,
+                                                  "rigidity": {"rigidity": 3.0}}])
+    assert s == 0.05 / 0.04 and why.startswith("patch probe")
