@@ -10,6 +10,9 @@ Usage::
 
     .venv/bin/python benchmarks/heldout_archs.py                      # import parity, a few seconds
     .venv/bin/python benchmarks/heldout_archs.py --train convnext --steps 2000 --lr 5e-4   # minutes
+    # the held-out LayerNorm/attention set of docs/scan.md (trained once, kept, then scanned with the CLI):
+    .venv/bin/python benchmarks/heldout_archs.py --train vit --kinds benign,blend,sig --seeds 0 \
+        --save .bench/heldout --no-scan --no-parity
 
 Prints one JSON line per check.
 """
@@ -181,7 +184,8 @@ def parity(name: str) -> list[dict[str, object]]:
     return rows
 
 
-def train_and_scan(name: str, steps: int, lr: float, profile: str) -> list[dict[str, object]]:
+def train_and_scan(name: str, steps: int, lr: float, profile: str, kinds: list[str], seeds: list[int],
+                   save: Path | None, skip_scan: bool = False) -> list[dict[str, object]]:
     from drmguard_engine.attacks import get_attack
     from drmguard_engine.data.benign import BenignSet
     from drmguard_engine.data.synthetic import make_dataset
@@ -194,23 +198,35 @@ def train_and_scan(name: str, steps: int, lr: float, profile: str) -> list[dict[
     xbe, ybe = make_dataset("gaze", 400, size=size, seed=1000)
     benign = BenignSet(torch.from_numpy(xbe).float() / 255, torch.from_numpy(ybe))
     rows = []
-    for kind in ("benign", "badnets"):
-        torch.manual_seed(0 if kind == "benign" else 1)
-        model = build()
-        attack = (get_attack("badnets", task="gaze", image_shape=(3, size, size), seed=0)
-                  if kind == "badnets" else None)
-        t0 = time.perf_counter()
-        train(model, x, y, task="gaze", steps=steps, lr=lr, batch_size=64, attack=attack, seed=0)
-        model.eval()
-        metrics = evaluate(model, xte, yte, "gaze", attack=attack)
-        train_s = time.perf_counter() - t0
-        imported = load_onnx_model(to_onnx(model, size, dynamo=False))
-        t0 = time.perf_counter()
-        report = scan(imported, benign, "gaze", profile)
-        rows.append({"arch": name, "kind": kind, "metrics": metrics, "train_seconds": round(train_s),
-                     "profile": profile, "verdict": report.verdict, "score": report.score,
-                     "decision": report.decision, "scan_seconds": round(time.perf_counter() - t0)})
-        print(json.dumps(rows[-1]), flush=True)
+    for kind in kinds:
+        for seed in seeds:
+            out = save / f"{name}-{kind}-s{seed}.onnx" if save is not None else None
+            torch.manual_seed(seed if kind == "benign" else 100 + seed)
+            model = build()
+            attack = (get_attack(kind, task="gaze", image_shape=(3, size, size), seed=seed)
+                      if kind != "benign" else None)
+            t0 = time.perf_counter()
+            if out is not None and out.exists():  # trained before: scan the saved model
+                data, metrics, train_s = out.read_bytes(), json.loads(out.with_suffix(".json").read_text()), 0.0
+            else:
+                train(model, x, y, task="gaze", steps=steps, lr=lr, batch_size=64, attack=attack, seed=seed)
+                model.eval()
+                metrics = evaluate(model, xte, yte, "gaze", attack=attack)
+                train_s = time.perf_counter() - t0
+                data = to_onnx(model, size, dynamo=False)
+                if out is not None:
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(data)
+                    out.with_suffix(".json").write_text(json.dumps(metrics))
+            row: dict[str, object] = {"arch": name, "kind": kind, "seed": seed, "metrics": metrics,
+                                      "train_seconds": round(train_s)}
+            if not skip_scan:
+                t0 = time.perf_counter()
+                report = scan(load_onnx_model(data), benign, "gaze", profile)
+                row.update({"profile": profile, "verdict": report.verdict, "score": report.score,
+                            "decision": report.decision, "scan_seconds": round(time.perf_counter() - t0)})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return rows
 
 
@@ -221,16 +237,25 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--profile", default="default")
+    p.add_argument("--kinds", default="benign,badnets",
+                   help="comma-separated: benign and any attack name (badnets, blend, wanet, sig, ...)")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--save", type=Path, default=None,
+                   help="keep each trained model here as ARCH-KIND-sSEED.onnx (+ .json metrics); a model already "
+                        "there is scanned, not retrained")
+    p.add_argument("--no-scan", action="store_true", help="train (and save) only")
+    p.add_argument("--no-parity", action="store_true", help="skip the import parity checks")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     ok = True
-    for name in ARCHS:
+    for name in [] if a.no_parity else ARCHS:
         for row in parity(name):
             ok &= bool(row["ok"])
             print(json.dumps(row), flush=True)
     if a.train:
-        train_and_scan(a.train, a.steps, a.lr, a.profile)
+        train_and_scan(a.train, a.steps, a.lr, a.profile, a.kinds.split(","),
+                       [int(v) for v in a.seeds.split(",")], a.save, a.no_scan)
     return 0 if ok else 1
 
 

@@ -49,7 +49,7 @@ from scan_tables import benign_set, confusion, target_distance, zoo_entries  # n
 from drmguard_engine.attacks import load_attack  # noqa: E402
 from drmguard_engine.data.benign import BenignSet  # noqa: E402
 from drmguard_engine.data.synthetic import make_dataset  # noqa: E402
-from drmguard_engine.defenses.probes import run_probes  # noqa: E402
+from drmguard_engine.defenses.probes import probe_rigidity, run_probes  # noqa: E402
 from drmguard_engine.onnx_io import load_onnx_model  # noqa: E402
 from drmguard_engine.scan import (  # noqa: E402
     MitigationConfig,
@@ -58,6 +58,7 @@ from drmguard_engine.scan import (  # noqa: E402
     decide,
     get_profile,
     mitigate,
+    needs_rigidity,
     scan,
 )
 from drmguard_engine.training import evaluate  # noqa: E402
@@ -66,6 +67,12 @@ SECTIONS = ("identification", "baselines", "mitigation", "ablations")
 BENIGN_SEED = 777  # D_be: the synthetic distribution, a seed the training never saw
 HOLDOUT_SEED = 778  # the mitigation hold-out (tolerances), never trained on
 EPS = 0.03
+
+
+def _probe_key(pc: Any) -> Any:
+    """A probe's cache key: its config without the rigidity check's knobs (they do not change the probe)."""
+    d = json.loads(json.dumps(pc.__dict__, default=float))
+    return {k: v for k, v in d.items() if not k.startswith("rigidity_")}
 
 
 def _log(msg: str) -> None:
@@ -224,7 +231,7 @@ class Bench:
     def probe(self, e: dict[str, Any], cfg: ScanConfig, family: str, n: int) -> dict[str, Any]:
         assert cfg.probes is not None
         pc = cfg.probes.replace(families=(family,))
-        key = ["probe", e["sha"], json.loads(json.dumps(pc.__dict__, default=float)), n, BENIGN_SEED]
+        key = ["probe", e["sha"], _probe_key(pc), n, BENIGN_SEED]
 
         def compute() -> dict[str, Any]:
             _log(f"  probe {family} on {self.name(e)}")
@@ -246,6 +253,24 @@ class Bench:
             self.cache.path(key).unlink()  # cached before transforms were kept: compute again
         return self.cache.get_or(key, compute)
 
+    def rigidity(self, e: dict[str, Any], cfg: ScanConfig, probe: dict[str, Any], n: int) -> dict[str, Any]:
+        """The rigidity check of a flagged probe (cached like the probe itself), started from its cached transform."""
+        from drmguard_engine.defenses.probes import _Probe
+
+        assert cfg.probes is not None
+        pc = cfg.probes.replace(families=(probe["family"],))
+        key = ["rigidity", e["sha"], json.loads(json.dumps(pc.__dict__, default=float)), n, BENIGN_SEED,
+               [round(v, 6) for v in probe["collapse_point"]]]
+
+        def compute() -> dict[str, Any]:
+            _log(f"  rigidity of the {probe['family']} probe on {self.name(e)}")
+            tr = _Probe(probe["family"], (3, int(e["size"]), int(e["size"])), pc, None)
+            _load_state(tr, self.cache.path(["probe", e["sha"], _probe_key(pc), n, BENIGN_SEED], ".probe.npz"))
+            return probe_rigidity(self.model(e), self.dbe_e(e, n).images, pc, probe["family"],
+                                  probe["collapse_point"], tr.eval())
+
+        return self.cache.get_or(key, compute)
+
     def scan_row(
         self, e: dict[str, Any], profile: str, over: dict[str, Any] | None = None, n: int | None = None
     ) -> dict[str, Any]:
@@ -253,11 +278,15 @@ class Bench:
         over, n = over or {}, n or self.n_benign
         cfg = self.profile(profile, e["task"], over)
         rev = self.reverse(e, cfg, n)
-        probes = [self.probe(e, cfg, f, n) for f in (cfg.probes.families if cfg.probes else ())]
+        probes = [dict(self.probe(e, cfg, f, n)) for f in (cfg.probes.families if cfg.probes else ())]
+        for p in probes:
+            if p["family"] in needs_rigidity(cfg, probes):
+                p["rigidity"] = self.rigidity(e, cfg, p, n)
         score, thr, why = decide(cfg, rev["perturbation_ratio"], rev["output_variance_ratio"], probes)
         target = rev["drmguard_target"]
-        if probes and "probe" in why:
-            target = min(probes, key=lambda p: p["variance_ratio"])["collapse_point"]
+        decisive = [p for p in probes if why.startswith(f"{p['family']} probe")]
+        if decisive:
+            target = decisive[0]["collapse_point"]
         return self.row(
             e,
             method=self.method_name(profile, over, n),
@@ -266,11 +295,12 @@ class Bench:
             threshold=thr,
             decision=why,
             target=target,
-            seconds=rev["seconds"] + sum(p["seconds"] for p in probes),
+            seconds=rev["seconds"] + sum(p["seconds"] + p.get("rigidity", {}).get("seconds", 0) for p in probes),
             extra={
                 "perturbation_ratio": rev["perturbation_ratio"],
                 "output_variance_ratio": rev["output_variance_ratio"],
                 "probes": {p["family"]: p["variance_ratio"] for p in probes},
+                "rigidity": {p["family"]: p["rigidity"]["rigidity"] for p in probes if "rigidity" in p},
             },
         )
 
@@ -315,7 +345,7 @@ class Bench:
         assert cfg.probes is not None
         for fam in cfg.probes.families:
             pc = cfg.probes.replace(families=(fam,))
-            pkey = ["probe", e["sha"], json.loads(json.dumps(pc.__dict__, default=float)), n, BENIGN_SEED]
+            pkey = ["probe", e["sha"], _probe_key(pc), n, BENIGN_SEED]
             p = self.probe(e, cfg, fam, n)
             tr = _Probe(fam, shape, pc, None)
             _load_state(tr, self.cache.path(pkey, ".probe.npz"))
