@@ -36,6 +36,7 @@ from .errors import (
     UnavailableError,
 )
 from .metrics import Metrics
+from .policy import mitigation_refusal
 from .runtime import LoadedModel, load_session, resolve_providers
 from .settings import ServerSettings
 
@@ -386,6 +387,7 @@ class GuardCore:
                "benign_path": str(self.store.blobs.path(row.benign_id)), "benign_sha256": row.benign_id,
                "reference_paths": refs, "task": task, "profile": row.profile, "device": self.device,
                "allow_mitigated": self.settings.allow_mitigated, "tolerance": self.settings.tolerance,
+               "mitigate_max_probe_ratio": self.settings.mitigate_max_probe_ratio,
                "holdout_fraction": self.settings.holdout_fraction, "out_dir": str(job_dir),
                "threads": self.settings.scan_threads}
         (job_dir / "job.json").write_text(json.dumps(job))
@@ -411,7 +413,7 @@ class GuardCore:
         error: dict[str, Any] | None = None
         mitig: dict[str, Any] = {}
         rescan: dict[str, Any] = {}
-        verdict = ""
+        verdict, scan_report = "", {}
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -433,6 +435,7 @@ class GuardCore:
                     self._publish_state(scan_id, st.MITIGATING, "backdoor found; mitigating", verdict="backdoored")
                 elif kind == "scan_done":
                     verdict = _verdict_str(ev.get("verdict"))
+                    scan_report = ev.get("report") or {}
                     pr = ev.get("perturbation_ratio")
                     self.store.set_state(scan_id, state, f"scan finished: {verdict}", verdict=verdict,
                                          perturbation_ratio=pr, report=json.dumps(ev.get("report") or {}))
@@ -472,7 +475,7 @@ class GuardCore:
             if state == st.MITIGATING:
                 self.metrics.mitigations.labels(task, "failed").inc()
             return
-        self._finish(row, result, mitig, rescan, verdict)
+        self._finish(row, result, mitig, rescan, verdict, scan_report)
         shutil.rmtree(job_dir, ignore_errors=True)
 
     def _fail(self, row: st.Row, reason: str, *, counted: bool) -> None:
@@ -483,7 +486,7 @@ class GuardCore:
         self._publish_final(row.scan_id)
 
     def _finish(self, row: st.Row, result: dict[str, Any], mitig: dict[str, Any], rescan: dict[str, Any],
-                verdict: str) -> None:
+                verdict: str, scan_report: dict[str, Any]) -> None:
         outcome, reason, task = result.get("outcome"), str(result.get("reason", "")), row.task
         extra: dict[str, Any] = {}
         if mitig:
@@ -498,6 +501,7 @@ class GuardCore:
             data = Path(mitig["mitigated_path"]).read_bytes()
             # Policy is re-checked here, on the bytes that will be served, not only trusted from the job.
             ok = (self.settings.allow_mitigated and rescan.get("verdict") == "benign"
+                  and not mitigation_refusal(scan_report, self.settings.mitigate_max_probe_ratio)
                   and after <= before * (1 + self.settings.tolerance) + 1e-9
                   and hashlib.sha256(data).hexdigest() == mitig.get("mitigated_sha256"))
             if not ok:

@@ -50,6 +50,9 @@ class ServerSettings:
     tls_client_ca: str = ""  # set -> mutual TLS (client certificates required)
     tokens_file: str = ""  # JSON/TOML {"tokens": [{"token": "...", "role": "registry|vehicle|admin"}]}
     allow_mitigated: bool = True
+    # a probe-decided backdoor is repaired only if its probe collapsed the outputs this far (guard_server.policy):
+    # above it, a mitigation can fail while the re-scan reads benign (docs/scan.md); 1.0 = repair every detection
+    mitigate_max_probe_ratio: float = 0.01
     tolerance: float = 0.10  # allowed relative rise of clean error after mitigation
     holdout_fraction: float = 0.20  # of the benign set, held back from mitigation to measure clean error
     default_profile: str = "default"
@@ -66,6 +69,8 @@ class ServerSettings:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.mitigate_max_probe_ratio <= 1.0:
+            raise ValueError(f"mitigate_max_probe_ratio must be in [0, 1], got {self.mitigate_max_probe_ratio}")
         if not 0.0 <= self.tolerance <= 10.0:
             raise ValueError(f"tolerance must be in [0, 10] (a fraction; 0.1 = 10%), got {self.tolerance}")
         if not 0.05 <= self.holdout_fraction <= 0.5:

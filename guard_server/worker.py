@@ -25,6 +25,8 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
+from .policy import mitigation_refusal
+
 _OUT: TextIO | None = None
 _LAST_PROGRESS = [0.0]
 
@@ -125,6 +127,10 @@ def run_job(job: dict[str, Any]) -> None:
         return
     if not job.get("allow_mitigated", True):
         emit("result", outcome="rejected", reason="backdoor found; policy does not admit mitigated versions")
+        return
+    refusal = mitigation_refusal(rep, float(job.get("mitigate_max_probe_ratio", 0.01)))
+    if refusal:
+        emit("result", outcome="rejected", reason=f"backdoor found; {refusal}")
         return
 
     emit("state", state="MITIGATING")

@@ -54,8 +54,26 @@ def test_backdoored_model_is_rejected_when_mitigation_is_off(make_server, pair, 
     assert m.served_version == "" and not any(v.served for v in m.versions)
 
 
+def test_backdoored_model_is_rejected_when_its_probe_found_the_trigger_only_approximately(
+        make_server, pair, tmp_path) -> None:
+    # the policy (guard_server/policy.py) repairs a probe-decided backdoor only when the probe collapsed the outputs
+    # to at most mitigate_max_probe_ratio of their variance; at 0 no probe detection qualifies
+    srv = make_server(data_dir=tmp_path / "strict", mitigate_max_probe_ratio=0.0, scan_threads=2)
+    stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))
+    r = stub.VetModel(vet_requests("cabin", "1", pair.onnx("backdoored"), pair.benign_npz()))
+    s = wait_final(stub, r.scan_id, timeout=300)
+    report = json.loads(s.report_json)
+    family = report["decision"].split(" ", 1)[0]
+    assert family in ("patch", "blend", "warp", "smooth"), report["decision"]  # the fixture is probe-decided
+    assert s.state == pb.STATE_REJECTED and s.verdict == pb.VERDICT_BACKDOORED, s.reason
+    assert f"the {family} probe found the backdoor only approximately" in s.reason, s.reason
+    assert not s.mitigated and s.admitted_version == "" and s.mitigation_report_json in ("", "{}")
+    assert _predict_code(stub, "cabin", pair.test.images[:2].numpy()) == grpc.StatusCode.NOT_FOUND
+
+
 def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(make_server, pair, tmp_path) -> None:
-    srv = make_server(data_dir=tmp_path / "on", scan_threads=2)
+    # every detection may be repaired here (the fixture's probe ratio is not what this test is about)
+    srv = make_server(data_dir=tmp_path / "on", mitigate_max_probe_ratio=1.0, scan_threads=2)
     stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))
     bd_bytes = pair.onnx("backdoored")
     r = stub.VetModel(vet_requests("cabin", "1", bd_bytes, pair.benign_npz()))
