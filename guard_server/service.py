@@ -438,7 +438,7 @@ class GuardCore:
                     scan_report = ev.get("report") or {}
                     pr = ev.get("perturbation_ratio")
                     self.store.set_state(scan_id, state, f"scan finished: {verdict}", verdict=verdict,
-                                         perturbation_ratio=pr, report=json.dumps(ev.get("report") or {}))
+                                         perturbation_ratio=pr, report=json.dumps(scan_report))
                     self.metrics.scans.labels(task, verdict).inc()
                     self.metrics.scan_duration.labels(task).observe(time.monotonic() - t_scan)
                     if pr is not None:
