@@ -69,10 +69,11 @@ HOLDOUT_SEED = 778  # the mitigation hold-out (tolerances), never trained on
 EPS = 0.03
 
 
-def _probe_key(pc: Any) -> Any:
-    """A probe's cache key: its config without the rigidity check's knobs (they do not change the probe)."""
+def _probe_key(e: dict[str, Any], pc: Any, n: int) -> list[Any]:
+    """A probe's cache key: the model, D_be and the probe's config without the rigidity check's knobs (they do not
+    change the probe)."""
     d = json.loads(json.dumps(pc.__dict__, default=float))
-    return {k: v for k, v in d.items() if not k.startswith("rigidity_")}
+    return ["probe", e["sha"], {k: v for k, v in d.items() if not k.startswith("rigidity_")}, n, BENIGN_SEED]
 
 
 def _log(msg: str) -> None:
@@ -231,7 +232,7 @@ class Bench:
     def probe(self, e: dict[str, Any], cfg: ScanConfig, family: str, n: int) -> dict[str, Any]:
         assert cfg.probes is not None
         pc = cfg.probes.replace(families=(family,))
-        key = ["probe", e["sha"], _probe_key(pc), n, BENIGN_SEED]
+        key = _probe_key(e, pc, n)
 
         def compute() -> dict[str, Any]:
             _log(f"  probe {family} on {self.name(e)}")
@@ -265,7 +266,7 @@ class Bench:
         def compute() -> dict[str, Any]:
             _log(f"  rigidity of the {probe['family']} probe on {self.name(e)}")
             tr = _Probe(probe["family"], (3, int(e["size"]), int(e["size"])), pc, None)
-            _load_state(tr, self.cache.path(["probe", e["sha"], _probe_key(pc), n, BENIGN_SEED], ".probe.npz"))
+            _load_state(tr, self.cache.path(_probe_key(e, pc, n), ".probe.npz"))
             return probe_rigidity(self.model(e), self.dbe_e(e, n).images, pc, probe["family"],
                                   probe["collapse_point"], tr.eval())
 
@@ -279,8 +280,9 @@ class Bench:
         cfg = self.profile(profile, e["task"], over)
         rev = self.reverse(e, cfg, n)
         probes = [dict(self.probe(e, cfg, f, n)) for f in (cfg.probes.families if cfg.probes else ())]
+        flagged = needs_rigidity(cfg, probes)
         for p in probes:
-            if p["family"] in needs_rigidity(cfg, probes):
+            if p["family"] in flagged:
                 p["rigidity"] = self.rigidity(e, cfg, p, n)
         score, thr, why = decide(cfg, rev["perturbation_ratio"], rev["output_variance_ratio"], probes)
         target = rev["drmguard_target"]
@@ -345,7 +347,7 @@ class Bench:
         assert cfg.probes is not None
         for fam in cfg.probes.families:
             pc = cfg.probes.replace(families=(fam,))
-            pkey = ["probe", e["sha"], _probe_key(pc), n, BENIGN_SEED]
+            pkey = _probe_key(e, pc, n)
             p = self.probe(e, cfg, fam, n)
             tr = _Probe(fam, shape, pc, None)
             _load_state(tr, self.cache.path(pkey, ".probe.npz"))

@@ -325,8 +325,9 @@ def scan(
                     p.requires_grad_(True)
         probe_dicts = [_probe_dict(p) for p in probes]
         assert cfg.probes is not None or not probes
+        flagged = needs_rigidity(cfg, probe_dicts, refs)
         for d, pr in zip(probe_dicts, probes, strict=True):
-            if d["family"] in needs_rigidity(cfg, probe_dicts, refs):
+            if d["family"] in flagged:
                 d["rigidity"] = probe_rigidity(model, images, cfg.probes, d["family"], d["collapse_point"],
                                                pr.transform, progress=emit, cancel=cancel)
     finally:
