@@ -59,6 +59,7 @@ from drmguard_engine.scan import (  # noqa: E402
     get_profile,
     mitigate,
     needs_rigidity,
+    needs_unmasked,
     scan,
 )
 from drmguard_engine.training import evaluate  # noqa: E402
@@ -431,6 +432,8 @@ class Bench:
             # an option that is off runs exactly the computation cached before the option existed
             off = (("refresh_every", "refresh_steps") if not cfg.refresh_every else ()) + (
                 ("neighbourhood_sigma", "neighbourhood_share") if not cfg.neighbourhood_sigma else ())
+            if not needs_unmasked(self.cached_report(e), cfg.unmasked_above):
+                off += ("unmasked_families", "unmasked_above", "unmasked_rigidity_below")
             cfg_dict = {k: v for k, v in cfg_dict.items() if k not in off}
         key = ["mitigate", method, e["sha"], self.n_benign, BENIGN_SEED, HOLDOUT_SEED, cfg_dict]
 

@@ -22,6 +22,7 @@ Profiles (``list_profiles()``):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import threading
 import time
@@ -34,7 +35,7 @@ from torch import nn
 
 from .data.benign import BenignSet
 from .defenses.drmguard import DRMGuardConfig, ReverseResult, perturbation_ratio, reverse_engineer
-from .defenses.probes import ProbeConfig, ProbeResult, probe_rigidity, run_probes
+from .defenses.probes import FAMILIES, ProbeConfig, ProbeResult, probe_rigidity, run_probes
 from .errors import CancelledError, ConfigError, DataError, UnsupportedModelError
 from .tasks import Task, regression_error
 
@@ -410,6 +411,23 @@ class MitigationConfig:
     # *near* a whole-image trigger then also unlearns the triggers around it. Measured in docs/scan.md.
     neighbourhood_sigma: float = 0.0
     neighbourhood_share: float = 0.5
+    # probe families fitted again *without* the saliency exclusion once the verdict is in, whose triggers join D_rp
+    # when they collapse the outputs below the scan's probe threshold (() = off: only the scan's own triggers). The
+    # exclusion keeps a clean model from being collapsed through its task region, but a backdoor can be read there
+    # too: the gaze Blend zoo model's trigger works only inside the excluded eye region (AE 0.39 deg with the
+    # trigger there alone, 26.6 with it everywhere else), so the scan's probe found a shortcut near it and
+    # unlearning that left the backdoor working (AE 1.64, DAE 26.5). Fitted without the exclusion, the blend probe
+    # reaches the real trigger (variance ratio 0.0001, collapse point 0.08 std from the real target) and
+    # mitigation meets the goal (AE 24.6, DAE 7.05, clean error +4.5%). Measured in docs/scan.md.
+    unmasked_families: tuple[str, ...] = ("blend", "smooth")
+    # ... fitted only when a probe decided the scan with a variance ratio above this: its trigger was found only
+    # approximately. Below it the scan's probe has the trigger already (zoo: mitigation worked wherever the deciding
+    # probe was at most 0.0078), and more triggers in D_rp cost clean error (head-pose Blend: +11% instead of +5%)
+    unmasked_above: float = 0.01
+    # an unmasked trigger at or below this variance ratio also gets the rigidity check (probes.probe_rigidity): the
+    # service fits the unmasked probes again on the mitigated model and rejects it when one still collapses the
+    # outputs to one point (guard_server/policy.py: survived_unlearning), not to a steerable direction
+    unmasked_rigidity_below: float = 0.01
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 1 or not self.lr > 0:
@@ -420,8 +438,13 @@ class MitigationConfig:
             raise ConfigError("neighbourhood_sigma must be >= 0 and neighbourhood_share in [0, 1]")
         if self.targets not in ("labels", "teacher"):
             raise ConfigError(f"targets must be 'labels' or 'teacher', got {self.targets!r}")
+        if not 0.0 <= self.unmasked_above < 1.0 or not 0.0 <= self.unmasked_rigidity_below < 1.0:
+            raise ConfigError("unmasked_above and unmasked_rigidity_below must be variance ratios in [0, 1)")
         if self.probe_triggers not in ("decisive", "flagged"):
             raise ConfigError(f"probe_triggers must be 'decisive' or 'flagged', got {self.probe_triggers!r}")
+        bad = [f for f in self.unmasked_families if f not in FAMILIES]
+        if bad:
+            raise ConfigError(f"unmasked_families must be a subset of {FAMILIES}, got {self.unmasked_families}")
 
 
 @dataclass
@@ -438,6 +461,9 @@ class MitigationReport:
     seconds: float
     triggers: list[str]
     targets: str = "teacher"  # what the fine-tuning fitted (MitigationConfig.targets)
+    # each probe trigger in D_rp: its held-out output-variance ratio and, where measured, its collapse-point
+    # rigidity (the scan's flagged probes, then the unmasked ones fitted after the verdict)
+    probe_triggers: dict[str, dict[str, float | None]] = field(default_factory=dict)
 
     @property
     def clean_error_increase(self) -> float:
@@ -459,12 +485,67 @@ def mitigation_config(config: MitigationConfig | None, report: ScanReport | None
     return MitigationConfig()
 
 
+def needs_unmasked(report: ScanReport, when_above: float) -> bool:
+    """Whether a probe decided ``report``'s backdoored verdict with a variance ratio above ``when_above`` (its
+    trigger found only approximately: :func:`unmasked_probes` then runs)."""
+    ratios = ({p["family"]: p["variance_ratio"] for p in report.probes}
+              or {p.family: p.variance_ratio for p in report.probe_results})
+    deciding = [r for f, r in ratios.items() if report.decision.startswith(f"{f} probe")]
+    return report.verdict == BACKDOORED and bool(deciding) and deciding[0] > when_above
+
+
+def unmasked_probes(
+    model: nn.Module,
+    images: torch.Tensor,
+    report: ScanReport,
+    families: Sequence[str],
+    *,
+    when_above: float = 0.0,
+    rigidity_below: float = 0.01,
+    progress: Callable[[ScanProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> list[tuple[ProbeResult, dict[str, Any] | None]]:
+    """The scan's probe ``families`` fitted again on ``images`` without the saliency exclusion, each with its
+    rigidity check (:func:`probes.probe_rigidity`) when its variance ratio is at most ``rigidity_below`` (else
+    None). For mitigation, after a backdoored verdict: a backdoor read through the task region (the eyes) is out of
+    the scan's probes' reach (``MitigationConfig.unmasked_families``). Empty unless a probe decided a backdoored
+    verdict with a variance ratio above ``when_above`` (so never after the ``paper`` profile, which runs no probes)."""
+    stored = report.config.get("probes")
+    if not families or not stored or not needs_unmasked(report, when_above):
+        return []
+    known = {f.name for f in dataclasses.fields(ProbeConfig)}
+    base = ProbeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in known})
+    cfg = base.replace(families=tuple(families), exclude_fraction=0.0)
+
+    def emit(phase: str, step: int, total: int, losses: dict[str, float], ratio: float | None) -> None:
+        if progress is not None:
+            progress(ScanProgress(f"unmasked_{phase}", step, total, losses, ratio))
+
+    out: list[tuple[ProbeResult, dict[str, Any] | None]] = []
+    for r in run_probes(model, images, cfg, progress=emit, cancel=cancel):
+        rig = None
+        if r.variance_ratio <= rigidity_below:
+            rig = probe_rigidity(model, images, cfg, r.family, r.collapse_point, r.transform, progress=emit,
+                                 cancel=cancel)
+        out.append((r, rig))
+    return out
+
+
+def unmasked_triggers(unmasked: Sequence[tuple[ProbeResult, dict[str, Any] | None]]) -> dict[str, dict[str, Any]]:
+    """``{"probe_<family>_unmasked": {"variance_ratio": r, "rigidity": rho or None}}`` for
+    :func:`unmasked_probes`' results (the names and fields of ``MitigationReport.probe_triggers``)."""
+    return {f"probe_{p.family}_unmasked": {"variance_ratio": float(p.variance_ratio),
+                                           "rigidity": float(rig["rigidity"]) if rig else None} for p, rig in unmasked}
+
+
 def _reversed_inputs(
-    report: ScanReport, model: nn.Module, probe_triggers: str = "decisive"
-) -> list[tuple[str, Callable, nn.Module | None]]:
-    """The transformations that reproduce the reversed trigger on new images (G with MTR, best probe), each with
-    the probe module behind it (``None`` for the generator)."""
-    out: list[tuple[str, Callable, nn.Module | None]] = []
+    report: ScanReport, model: nn.Module, probe_triggers: str = "decisive",
+    unmasked: Sequence[tuple[ProbeResult, dict[str, Any] | None]] = (),
+) -> list[tuple[str, Callable, nn.Module | None, dict[str, float | None] | None]]:
+    """The transformations that reproduce the reversed trigger on new images (G with MTR, best probe, the unmasked
+    probes below the probe threshold), each with the probe module behind it (``None`` for the generator) and, for
+    a probe, its variance ratio and rigidity (``None`` for the generator)."""
+    out: list[tuple[str, Callable, nn.Module | None, dict[str, float | None] | None]] = []
     rev = report.reverse
     if rev is not None:
         from .defenses.drmguard import attention_maps
@@ -480,22 +561,28 @@ def _reversed_inputs(
                 return y * (1 - t) + x * t
             return y
 
-        out.append(("drmguard", gen_fn, None))
+        out.append(("drmguard", gen_fn, None, None))
+    thr = float(report.config.get("probe_threshold", 0.05))
+    rigidities = {d["family"]: d["rigidity"]["rigidity"] for d in report.probes if d.get("rigidity")}
+    chosen: list[tuple[str, ProbeResult, float | None]] = []
     if report.probe_results:
         ranked = sorted(report.probe_results, key=lambda p: p.variance_ratio)
-        chosen = ranked[:1]
+        picked = ranked[:1]
         if probe_triggers == "flagged":
-            thr = float(report.config.get("probe_threshold", 0.05))
-            chosen = [p for p in ranked if p.variance_ratio < thr] or chosen
-        for p in chosen:
-            if p.transform is None:
-                continue
+            picked = [p for p in ranked if p.variance_ratio < thr] or picked
+        chosen += [(f"probe_{p.family}", p, rigidities.get(p.family)) for p in picked]
+    info = unmasked_triggers(unmasked)
+    chosen += [(name, p, info[name]["rigidity"]) for name, (p, _) in zip(info, unmasked, strict=True)
+               if p.variance_ratio < thr]
+    for name, p, rig in chosen:
+        if p.transform is None:
+            continue
 
-            def probe_fn(x: torch.Tensor, tr: nn.Module = p.transform) -> torch.Tensor:
-                with torch.no_grad():
-                    return tr(x)
+        def probe_fn(x: torch.Tensor, tr: nn.Module = p.transform) -> torch.Tensor:
+            with torch.no_grad():
+                return tr(x)
 
-            out.append((f"probe_{p.family}", probe_fn, p.transform))
+        out.append((name, probe_fn, p.transform, {"variance_ratio": float(p.variance_ratio), "rigidity": rig}))
     return out
 
 
@@ -511,10 +598,13 @@ def mitigate(
     device: str | torch.device = "cpu",
     progress: Callable[[ScanProgress], None] | None = None,
     cancel: threading.Event | None = None,
+    unmasked: Sequence[tuple[ProbeResult, dict[str, Any] | None]] | None = None,
 ) -> tuple[nn.Module, MitigationReport]:
     """Unlearns the reversed backdoor: fine-tunes all of f with L1 on D_be (true labels) + D_rp (reversed inputs
     with the *true* labels). ``benign`` must carry labels. ``holdout`` (labels too) measures clean error before
-    and after and is never trained on (defaults to D_be itself)."""
+    and after and is never trained on (defaults to D_be itself). ``unmasked``: :func:`unmasked_probes` already
+    fitted on ``benign`` (the service fits them first, for its policy); fitted here per
+    ``config.unmasked_families`` when None."""
     task = Task.parse(task)
     cfg = mitigation_config(config, report)
     if benign.labels is None:
@@ -529,12 +619,15 @@ def mitigate(
     if hold.labels is None:
         raise DataError("the mitigation hold-out set needs labels")
     x_ho, y_ho = hold.images.to(dev), hold.labels.to(dev)
-    transforms = _reversed_inputs(report, model.eval(), cfg.probe_triggers)
+    if unmasked is None:
+        unmasked = unmasked_probes(model.eval(), x_tr, report, cfg.unmasked_families, when_above=cfg.unmasked_above,
+                                   rigidity_below=cfg.unmasked_rigidity_below, progress=progress, cancel=cancel)
+    transforms = _reversed_inputs(report, model.eval(), cfg.probe_triggers, unmasked)
     if not transforms:
         raise ConfigError("the scan report carries no reversed trigger to unlearn")
     # the transformation that decided the verdict measures the reversed-trigger errors; all of them build D_rp
     decisive = next((t for t in transforms if "probe" in report.decision and t[0].startswith("probe")), transforms[0])
-    name, fn, _ = decisive
+    name, fn, _, _ = decisive
 
     def apply_all(x: torch.Tensor, fn: Callable = fn) -> torch.Tensor:
         return torch.cat([fn(x[i : i + 128]) for i in range(0, x.shape[0], 128)])
@@ -554,11 +647,11 @@ def mitigate(
         model.eval()
         with torch.no_grad():
             y_tr = _predict(model, x_tr).detach()
-    x_rp = torch.cat([apply_all(x_tr, f) for _, f, _ in transforms]).detach()
+    x_rp = torch.cat([apply_all(x_tr, f) for _, f, _, _ in transforms]).detach()
     y_rp = y_tr.repeat(len(transforms), 1)
     before = errors()
     # refreshed probes are copies: the report's own triggers (and the before/after measurement) stay as scanned
-    refreshable = [(k, copy.deepcopy(m)) for k, (_, _, m) in enumerate(transforms) if m is not None]
+    refreshable = [(k, copy.deepcopy(m)) for k, (_, _, m, _) in enumerate(transforms) if m is not None]
     gen = torch.Generator().manual_seed(cfg.seed)
     params = [p for p in model.parameters()]
     for p in params:
@@ -610,6 +703,7 @@ def mitigate(
         seconds=time.perf_counter() - t0,
         triggers=[t[0] for t in transforms],
         targets=cfg.targets,
+        probe_triggers={t[0]: t[3] for t in transforms if t[3] is not None},
     )
 
 
@@ -668,6 +762,9 @@ __all__ = [
     "get_profile",
     "list_profiles",
     "mitigate",
+    "needs_unmasked",
     "perturbation_ratio",
     "scan",
+    "unmasked_probes",
+    "unmasked_triggers",
 ]
