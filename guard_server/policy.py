@@ -3,13 +3,21 @@
 Measured on the zoo (``docs/scan.md``, "Mitigating whole-image triggers"): unlearning works when the scan's reversed
 trigger *is* the backdoor, and fails when the probe found only a shortcut near it. Then the real trigger keeps
 working after mitigation (gaze Blend, SIG, multi-target WaNet) while the re-scan can read benign. Measured on gaze
-Blend: AE 1.64 degrees after mitigation, re-scan benign. The re-scan gate cannot catch that. The decisive probe's held-out variance ratio tells the
-two apart on the zoo: it is at most 0.0078 wherever mitigation removed the backdoor or at least moved its outputs far
-from the target. It is 0.013-0.023 where mitigation failed (gaze Blend, SIG and multi-target WaNet; head-pose SIG) or
-only just met the goal (head-pose WaNet and the adaptive attack). So a probe-decided backdoor is repaired only when
-its probe collapsed the outputs to at most ``mitigate_max_probe_ratio`` (0.01) of their variance; otherwise the
-version is rejected (fail closed). The threshold was set on the same zoo. Detections decided
-by DRMGuard's generator or the paper's rule are not limited by this check.
+Blend: AE 1.64 degrees after mitigation, re-scan benign. The re-scan gate cannot catch that. The decisive probe's
+held-out variance ratio tells the two apart on the zoo: it is at most 0.0078 wherever mitigation removed the
+backdoor or at least moved its outputs far from the target. It is 0.013-0.023 where mitigation failed (gaze Blend,
+SIG and multi-target WaNet; head-pose SIG) or only just met the goal (head-pose WaNet and the adaptive attack). So a
+probe-decided backdoor is repaired only when its probe collapsed the outputs to at most ``mitigate_max_probe_ratio``
+(0.01) of their variance; otherwise the version is rejected (fail closed). The threshold was set on the same zoo.
+Detections decided by DRMGuard's generator or the paper's rule are not limited by this check.
+
+After the verdict, mitigation fits the probes again without the scan's task-region exclusion
+(``MitigationConfig.unmasked_families``) and unlearns what they find as well: the gaze Blend zoo model's trigger
+works only inside the eye region, which the scan's probes never touch. Whether such an unmasked probe found the
+trigger does *not* decide admission: on gaze multi-target WaNet it collapsed the outputs to 0.0023 of their
+variance with rigidity 8.0, and after mitigation the real trigger still worked (AE 3.55, DAE 27.6 degrees). It is a
+gate after mitigation instead (:func:`found_triggers`): an unmasked probe fitted on the mitigated model that still
+collapses the outputs rigidly means the backdoor survived (gaze Blend mitigated without them: 0.0001, rigidity 27).
 """
 
 from __future__ import annotations
@@ -29,15 +37,42 @@ def deciding_probe(report: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def found_triggers(probe_triggers: dict[str, dict[str, Any]] | None, max_ratio: float,
+                   rigidity_threshold: float) -> list[str]:
+    """The unmasked probe triggers (``drmguard_engine.scan.unmasked_triggers``) that collapse the outputs: variance
+    ratio at most ``max_ratio`` and collapse-point rigidity at least ``rigidity_threshold`` (the scan's; none count
+    when it is 0, the scan's rigidity check switched off)."""
+    if rigidity_threshold <= 0:
+        return []
+    return [name for name, t in (probe_triggers or {}).items()
+            if name.endswith("_unmasked") and float(t.get("variance_ratio", 1.0)) <= max_ratio
+            and float(t.get("rigidity") or 0.0) >= rigidity_threshold]
+
+
+def survived_unlearning(report: dict[str, Any], unmasked_after: dict[str, dict[str, Any]] | None,
+                        max_ratio: float) -> str:
+    """Why a mitigated model must not be served because an unmasked probe fitted on it after mitigation still
+    collapses its outputs to one point, or ""."""
+    still = found_triggers(unmasked_after, max_ratio, float((report.get("config") or {}).get("rigidity_threshold")
+                                                            or 0.0))
+    if not still:
+        return ""
+    after = unmasked_after or {}
+    found = ", ".join(f"{k} variance ratio {float(after[k]['variance_ratio']):.4f}, rigidity "
+                      f"{float(after[k]['rigidity']):.2f}" for k in still)
+    return (f"after mitigation a probe fitted without the task-region exclusion still collapses the outputs to one "
+            f"point ({found}): the backdoor survived unlearning")
+
+
 def mitigation_refusal(report: dict[str, Any], max_probe_ratio: float) -> str:
     """Why a backdoored scan's model must not be repaired and served, or "" when mitigation may proceed."""
     p = deciding_probe(report)
     if p is None or float(p["variance_ratio"]) <= max_probe_ratio:
         return ""
     return (f"the {p['family']} probe found the backdoor only approximately (variance ratio "
-            f"{float(p['variance_ratio']):.4f} > {max_probe_ratio:g}); unlearning such a trigger can leave the real one "
-            f"working while the re-scan reads benign (docs/scan.md), so no mitigated version is served. Retrain "
+            f"{float(p['variance_ratio']):.4f} > {max_probe_ratio:g}); unlearning such a trigger can leave the real "
+            f"one working while the re-scan reads benign (docs/scan.md), so no mitigated version is served. Retrain "
             f"the model from clean data, or raise --mitigate-max-probe-ratio to accept that risk")
 
 
-__all__ = ["PROBE_FAMILIES", "deciding_probe", "mitigation_refusal"]
+__all__ = ["PROBE_FAMILIES", "deciding_probe", "found_triggers", "mitigation_refusal", "survived_unlearning"]

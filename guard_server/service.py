@@ -36,7 +36,7 @@ from .errors import (
     UnavailableError,
 )
 from .metrics import Metrics
-from .policy import mitigation_refusal
+from .policy import mitigation_refusal, survived_unlearning
 from .runtime import LoadedModel, load_session, resolve_providers
 from .settings import ServerSettings
 
@@ -502,6 +502,8 @@ class GuardCore:
             # Policy is re-checked here, on the bytes that will be served, not only trusted from the job.
             ok = (self.settings.allow_mitigated and rescan.get("verdict") == "benign"
                   and not mitigation_refusal(scan_report, self.settings.mitigate_max_probe_ratio)
+                  and not survived_unlearning(scan_report, rescan.get("unmasked_after"),
+                                              float(rescan.get("unmasked_max_ratio") or 0.01))
                   and after <= before * (1 + self.settings.tolerance) + 1e-9
                   and hashlib.sha256(data).hexdigest() == mitig.get("mitigated_sha256"))
             if not ok:

@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-from .policy import mitigation_refusal
+from .policy import mitigation_refusal, survived_unlearning
 
 _OUT: TextIO | None = None
 _LAST_PROGRESS = [0.0]
@@ -96,7 +96,7 @@ def run_job(job: dict[str, Any]) -> None:
     from drmguard_engine.data import load_benign_npz
     from drmguard_engine.errors import CancelledError
     from drmguard_engine.onnx_io import export_onnx, load_onnx_model
-    from drmguard_engine.scan import mitigate, scan
+    from drmguard_engine.scan import mitigate, mitigation_config, scan, unmasked_probes, unmasked_triggers
 
     cancel = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: cancel.set())
@@ -128,7 +128,8 @@ def run_job(job: dict[str, Any]) -> None:
     if not job.get("allow_mitigated", True):
         emit("result", outcome="rejected", reason="backdoor found; policy does not admit mitigated versions")
         return
-    refusal = mitigation_refusal(rep, float(job.get("mitigate_max_probe_ratio", 0.01)))
+    max_ratio = float(job.get("mitigate_max_probe_ratio", 0.01))
+    refusal = mitigation_refusal(rep, max_ratio)
     if refusal:
         emit("result", outcome="rejected", reason=f"backdoor found; {refusal}")
         return
@@ -137,9 +138,15 @@ def run_job(job: dict[str, Any]) -> None:
     t1 = time.monotonic()
     train_idx, hold_idx = split_holdout(len(benign), float(job["holdout_fraction"]), job["benign_sha256"])
     train_set, holdout = benign.subset(train_idx), benign.subset(hold_idx)
+    # where the scan's probe found the trigger only approximately (the operator raised the ratio above), the probes
+    # are fitted again without the task-region exclusion and unlearned too (engine: MitigationConfig)
+    mcfg = mitigation_config(None, report)
+    unmasked = unmasked_probes(model.eval(), train_set.images.to(device), report, mcfg.unmasked_families,
+                               when_above=mcfg.unmasked_above, rigidity_below=mcfg.unmasked_rigidity_below,
+                               progress=_progress_cb("mitigate"), cancel=cancel)
     before = clean_error(model, holdout, task, device)
-    fixed, mrep = mitigate(model, train_set, task, report=report, device=device,
-                           progress=_progress_cb("mitigate"), cancel=cancel, holdout=holdout)
+    fixed, mrep = mitigate(model, train_set, task, report=report, config=mcfg, device=device,
+                           progress=_progress_cb("mitigate"), cancel=cancel, holdout=holdout, unmasked=unmasked)
     out_path = Path(job["out_dir"]) / "mitigated.onnx"
     fixed = fixed.to("cpu").eval()
     export_onnx(fixed, out_path, input_shape=tuple(model.input_shape), input_name=model.input_name,
@@ -155,12 +162,23 @@ def run_job(job: dict[str, Any]) -> None:
     rescan = scan(served, benign, task, config=job["profile"], device=device, progress=_progress_cb("rescan"),
                   cancel=cancel, references=refs)
     rdict = rescan.to_dict()
+    # where unmasked probes were unlearned, they look again on the served model: the default re-scan's probes
+    # cannot see a trigger read through the task region (measured: gaze Blend, mitigated without them, re-scans
+    # benign while an unmasked blend probe still collapses it to 0.0001, rigidity 27; docs/scan.md)
+    unmasked_after: dict[str, Any] = {}
+    if unmasked:
+        unmasked_after = unmasked_triggers(unmasked_probes(
+            served.eval(), train_set.images.to(device), report, mcfg.unmasked_families, when_above=0.0,
+            rigidity_below=mcfg.unmasked_rigidity_below, progress=_progress_cb("rescan"), cancel=cancel))
+    survived = survived_unlearning(rep, unmasked_after, mcfg.unmasked_rigidity_below)
     tol = float(job["tolerance"])
     seconds = time.monotonic() - t1
     emit("rescan_done", report=rdict, verdict=rescan.verdict, perturbation_ratio=_finite(rescan.perturbation_ratio),
-         seconds=seconds)
+         seconds=seconds, unmasked_after=unmasked_after, unmasked_max_ratio=mcfg.unmasked_rigidity_below)
     if rescan.verdict != "benign":
         emit("result", outcome="rejected", reason="backdoor found; the mitigated model still scans as backdoored")
+    elif survived:
+        emit("result", outcome="rejected", reason=f"backdoor found; {survived}")
     elif after > before * (1.0 + tol) + 1e-9:
         emit("result", outcome="rejected",
              reason=f"backdoor found; mitigation raised clean error from {before:.3f} to {after:.3f} degrees, "
