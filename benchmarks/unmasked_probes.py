@@ -12,11 +12,15 @@ line with:
 
 ``--onnx FILE.onnx ... --benign D.npz`` runs the unmasked probes on other models (the held-out LayerNorm set of
 ``benchmarks/heldout_archs.py``); their real target is taken as the zoo attacks' default gaze target (-10, 15).
+With ``--attack KIND --attack-seed S`` (how ``heldout_archs.py`` built the model's attack: ``<arch>-<kind>-s<S>``)
+the trigger split is measured too, on that script's test set.
 
 Usage::
 
     .venv/bin/python benchmarks/unmasked_probes.py --task gaze --kinds benign,badnets,blend,sig,wanet_multi
     .venv/bin/python benchmarks/unmasked_probes.py --onnx .bench/heldout/*.onnx --benign be.npz --families blend
+    .venv/bin/python benchmarks/unmasked_probes.py --onnx .bench/heldout/convnext-blend-s1.onnx --benign be.npz \
+        --attack blend --attack-seed 1 --no-probes
 
 About 40 s per ResNet18 x0.25 zoo model on one thread.
 """
@@ -55,6 +59,18 @@ class _Masked:
         return self.keep * x + (1 - self.keep) * self.attack.apply(x)
 
 
+def trigger_split(model: nn.Module, images: torch.Tensor, attack: Any, xte: Any, yte: Any, task: str) -> dict[str, Any]:
+    """The real trigger's AE / DAE applied everywhere, only outside the scan's exclusion region, only inside it."""
+    pc = ProbeConfig()
+    keep = saliency_exclusion(model, images[: pc.saliency_images], pc.exclude_fraction, pc.exclude_dilate)
+    split = {}
+    for name, att in (("everywhere", attack), ("outside_only", _Masked(attack, keep)),
+                      ("inside_only", _Masked(attack, 1 - keep))):
+        m = evaluate(model, xte, yte, task, attack=att)
+        split[name] = {"ae": round(m["ae"], 2), "dae": round(m["dae"], 2)}
+    return {"excluded_fraction": round(float(keep.mean()), 3), "split": split}
+
+
 def unmasked(model: nn.Module, images: torch.Tensor, families: tuple[str, ...], target: Any) -> dict[str, Any]:
     cfg = ProbeConfig(families=families, exclude_fraction=0.0)
     with torch.no_grad():
@@ -80,6 +96,9 @@ def main() -> int:
     p.add_argument("--max-benign", type=int, default=3, help="clean zoo models to include")
     p.add_argument("--onnx", nargs="*", default=[], help="other models (ONNX) instead of the zoo")
     p.add_argument("--benign", help="D_be .npz for --onnx")
+    p.add_argument("--attack", help="with --onnx: the attack to rebuild for the trigger split (e.g. blend)")
+    p.add_argument("--attack-seed", type=int, default=0)
+    p.add_argument("--no-probes", action="store_true", help="the trigger split only")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -93,14 +112,24 @@ def main() -> int:
         images = load_benign_npz(a.benign, require_labels=False).images
         for path in a.onnx:
             t0 = time.perf_counter()
-            res = unmasked(load_onnx_model(path).eval(), images, families, DEFAULT_GAZE_TARGET)
-            print(json.dumps({"model": Path(path).name, "unmasked": res, "seconds": round(time.perf_counter() - t0)}),
-                  flush=True)
+            model = load_onnx_model(path).eval()
+            row = {"model": Path(path).name}
+            if a.attack:
+                from drmguard_engine.attacks import get_attack
+                from drmguard_engine.data.synthetic import make_dataset
+
+                size = images.shape[-1]
+                attack = get_attack(a.attack, task="gaze", image_shape=(3, size, size), seed=a.attack_seed)
+                xte, yte = make_dataset("gaze", 500, size=size, seed=2000)  # heldout_archs.py's test set
+                row.update(trigger_split(model, images, attack, xte, yte, "gaze"))
+            if not a.no_probes:
+                row["unmasked"] = unmasked(model, images, families, DEFAULT_GAZE_TARGET)
+            row["seconds"] = round(time.perf_counter() - t0)
+            print(json.dumps(row), flush=True)
         return 0
     bench = pt.Bench([pt.ROOT / ".bench" / "zoo"], pt.ROOT / ".bench" / "unmasked", n_benign=400, paper_steps=40,
                      baseline_steps=100, quick=False)
     kinds, seen = a.kinds.split(","), {"benign": 0}
-    pc = ProbeConfig()
     for e in bench.entries:
         if e["task"] != a.task or e["kind"] not in kinds or e.get("arch") != "resnet18":
             continue
@@ -112,15 +141,8 @@ def main() -> int:
         model, dbe = bench.model(e).eval(), bench.dbe_e(e)
         row: dict[str, Any] = {"task": a.task, "kind": e["kind"], "model": bench.name(e)}
         if e["kind"] != "benign":
-            attack = load_attack(Path(e["dir"]) / "attack.npz")
-            keep = saliency_exclusion(model, dbe.images[: pc.saliency_images], pc.exclude_fraction, pc.exclude_dilate)
             xte, yte = bench.test_set(e)
-            row["excluded_fraction"] = round(float(keep.mean()), 3)
-            row["split"] = {}
-            for name, att in (("everywhere", attack), ("outside_only", _Masked(attack, keep)),
-                              ("inside_only", _Masked(attack, 1 - keep))):
-                m = evaluate(model, xte, yte, a.task, attack=att)
-                row["split"][name] = {"ae": round(m["ae"], 2), "dae": round(m["dae"], 2)}
+            row.update(trigger_split(model, dbe.images, load_attack(Path(e["dir"]) / "attack.npz"), xte, yte, a.task))
         row["unmasked"] = unmasked(model, dbe.images, families, e.get("target"))
         row["seconds"] = round(time.perf_counter() - t0)
         print(json.dumps(row), flush=True)
