@@ -93,6 +93,14 @@ def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(make_s
     assert s.clean_error_after <= 1.10 * s.clean_error_before + 1e-6  # the tolerance was applied
     mit = json.loads(s.mitigation_report_json)
     assert mit["train_size"] + mit["holdout_size"] == len(pair.benign)
+    # every probe trigger unlearned is recorded with its ratio; probes fitted without the eye-region exclusion join
+    # only when the deciding probe found the trigger approximately (ratio above 0.01)
+    assert set(mit["probe_triggers"]) <= set(mit["triggers"]) and all(
+        0 <= t["variance_ratio"] < 0.05 for t in mit["probe_triggers"].values())
+    scanned = json.loads(s.report_json)
+    deciding = [p["variance_ratio"] for p in scanned["probes"] if scanned["decision"].startswith(p["family"] + " ")]
+    if not deciding or deciding[0] <= 0.01:
+        assert not [t for t in mit["triggers"] if t.endswith("_unmasked")], mit["triggers"]
 
     (m,) = stub.ListModels(pb.ListModelsRequest(name="cabin")).models
     assert m.served_version == "1-mitigated"
