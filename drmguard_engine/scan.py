@@ -598,13 +598,11 @@ def mitigate(
     device: str | torch.device = "cpu",
     progress: Callable[[ScanProgress], None] | None = None,
     cancel: threading.Event | None = None,
-    unmasked: Sequence[tuple[ProbeResult, dict[str, Any] | None]] | None = None,
 ) -> tuple[nn.Module, MitigationReport]:
     """Unlearns the reversed backdoor: fine-tunes all of f with L1 on D_be (true labels) + D_rp (reversed inputs
     with the *true* labels). ``benign`` must carry labels. ``holdout`` (labels too) measures clean error before
-    and after and is never trained on (defaults to D_be itself). ``unmasked``: :func:`unmasked_probes` already
-    fitted on ``benign`` (the service fits them first, for its policy); fitted here per
-    ``config.unmasked_families`` when None."""
+    and after and is never trained on (defaults to D_be itself). Where a probe decided the verdict with a ratio
+    above ``config.unmasked_above``, :func:`unmasked_probes` are fitted on ``benign`` and join D_rp."""
     task = Task.parse(task)
     cfg = mitigation_config(config, report)
     if benign.labels is None:
@@ -619,9 +617,8 @@ def mitigate(
     if hold.labels is None:
         raise DataError("the mitigation hold-out set needs labels")
     x_ho, y_ho = hold.images.to(dev), hold.labels.to(dev)
-    if unmasked is None:
-        unmasked = unmasked_probes(model.eval(), x_tr, report, cfg.unmasked_families, when_above=cfg.unmasked_above,
-                                   rigidity_below=cfg.unmasked_rigidity_below, progress=progress, cancel=cancel)
+    unmasked = unmasked_probes(model.eval(), x_tr, report, cfg.unmasked_families, when_above=cfg.unmasked_above,
+                               rigidity_below=cfg.unmasked_rigidity_below, progress=progress, cancel=cancel)
     transforms = _reversed_inputs(report, model.eval(), cfg.probe_triggers, unmasked)
     if not transforms:
         raise ConfigError("the scan report carries no reversed trigger to unlearn")

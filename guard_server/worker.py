@@ -138,15 +138,12 @@ def run_job(job: dict[str, Any]) -> None:
     t1 = time.monotonic()
     train_idx, hold_idx = split_holdout(len(benign), float(job["holdout_fraction"]), job["benign_sha256"])
     train_set, holdout = benign.subset(train_idx), benign.subset(hold_idx)
-    # where the scan's probe found the trigger only approximately (the operator raised the ratio above), the probes
-    # are fitted again without the task-region exclusion and unlearned too (engine: MitigationConfig)
-    mcfg = mitigation_config(None, report)
-    unmasked = unmasked_probes(model.eval(), train_set.images.to(device), report, mcfg.unmasked_families,
-                               when_above=mcfg.unmasked_above, rigidity_below=mcfg.unmasked_rigidity_below,
-                               progress=_progress_cb("mitigate"), cancel=cancel)
     before = clean_error(model, holdout, task, device)
+    # where the scan's probe found the trigger only approximately (the operator raised the ratio above), mitigation
+    # also fits the probes without the task-region exclusion and unlearns them (engine: MitigationConfig)
+    mcfg = mitigation_config(None, report)
     fixed, mrep = mitigate(model, train_set, task, report=report, config=mcfg, device=device,
-                           progress=_progress_cb("mitigate"), cancel=cancel, holdout=holdout, unmasked=unmasked)
+                           progress=_progress_cb("mitigate"), cancel=cancel, holdout=holdout)
     out_path = Path(job["out_dir"]) / "mitigated.onnx"
     fixed = fixed.to("cpu").eval()
     export_onnx(fixed, out_path, input_shape=tuple(model.input_shape), input_name=model.input_name,
@@ -166,7 +163,7 @@ def run_job(job: dict[str, Any]) -> None:
     # cannot see a trigger read through the task region (measured: gaze Blend, mitigated without them, re-scans
     # benign while an unmasked blend probe still collapses it to 0.0001, rigidity 27; docs/scan.md)
     unmasked_after: dict[str, Any] = {}
-    if unmasked:
+    if any(name.endswith("_unmasked") for name in mrep.probe_triggers):
         unmasked_after = unmasked_triggers(unmasked_probes(
             served.eval(), train_set.images.to(device), report, mcfg.unmasked_families, when_above=0.0,
             rigidity_below=mcfg.unmasked_rigidity_below, progress=_progress_cb("rescan"), cancel=cancel))
