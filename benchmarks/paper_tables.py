@@ -56,6 +56,7 @@ from drmguard_engine.scan import (  # noqa: E402
     ScanConfig,
     ScanReport,
     decide,
+    deciding_family,
     get_profile,
     mitigate,
     needs_rigidity,
@@ -287,7 +288,7 @@ class Bench:
                 p["rigidity"] = self.rigidity(e, cfg, p, n)
         score, thr, why = decide(cfg, rev["perturbation_ratio"], rev["output_variance_ratio"], probes)
         target = rev["drmguard_target"]
-        decisive = [p for p in probes if why.startswith(f"{p['family']} probe")]
+        decisive = [p for p in probes if p["family"] == deciding_family(why)]
         if decisive:
             target = decisive[0]["collapse_point"]
         return self.row(

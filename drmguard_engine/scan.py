@@ -214,6 +214,13 @@ def needs_rigidity(cfg: ScanConfig, probes: Sequence[dict[str, Any]],
     return [p["family"] for p in probes if p["variance_ratio"] < thr]
 
 
+def deciding_family(decision: str) -> str | None:
+    """The probe family that a :func:`decide` explanation names as deciding (``"<family> probe ..."``), or None
+    (DRMGuard's generator or the paper's rule decided)."""
+    words = decision.split(" ", 2)
+    return words[0] if len(words) > 1 and words[1] == "probe" and words[0] in FAMILIES else None
+
+
 def decide(cfg: ScanConfig, perturbation_ratio: float, output_variance_ratio: float,
            probes: Sequence[dict[str, Any]] = (), refs: Sequence[dict[str, float]] = ()) -> tuple[float, float, str]:
     """The profile's decision from a scan's statistics: ``(score, score_threshold, why)``; backdoored iff
@@ -339,7 +346,7 @@ def scan(
     # the target estimate (A.5) comes from whichever reversed trigger decided: the probe's collapse point when a
     # probe decided, else the mean of f(x') of DRMGuard's generator
     target = rev.estimated_target
-    decisive = [p for p in probes if why.startswith(f"{p.family} probe")]
+    decisive = [p for p in probes if p.family == deciding_family(why)]
     if decisive:
         target = decisive[0].collapse_point
     emit("decide", 1, 1, {"score": score}, rev.perturbation_ratio)
@@ -490,8 +497,8 @@ def needs_unmasked(report: ScanReport, when_above: float) -> bool:
     trigger found only approximately: :func:`unmasked_probes` then runs)."""
     ratios = ({p["family"]: p["variance_ratio"] for p in report.probes}
               or {p.family: p.variance_ratio for p in report.probe_results})
-    deciding = [r for f, r in ratios.items() if report.decision.startswith(f"{f} probe")]
-    return report.verdict == BACKDOORED and bool(deciding) and deciding[0] > when_above
+    ratio = ratios.get(deciding_family(report.decision) or "")
+    return report.verdict == BACKDOORED and ratio is not None and ratio > when_above
 
 
 def unmasked_probes(
@@ -756,6 +763,7 @@ __all__ = [
     "ScanProgress",
     "ScanReport",
     "decide",
+    "deciding_family",
     "get_profile",
     "list_profiles",
     "mitigate",

@@ -24,17 +24,13 @@ from __future__ import annotations
 
 from typing import Any
 
-PROBE_FAMILIES = ("patch", "blend", "warp", "smooth", "additive")
-
+from drmguard_engine.scan import deciding_family
 
 def deciding_probe(report: dict[str, Any]) -> dict[str, Any] | None:
     """The probe that decided a scan (its ``decision`` names it first), or None (the generator or the paper's rule
     decided)."""
-    decision = str(report.get("decision", ""))
-    for p in report.get("probes") or []:
-        if p.get("family") in PROBE_FAMILIES and decision.startswith(f"{p['family']} probe"):
-            return p
-    return None
+    family = deciding_family(str(report.get("decision", "")))
+    return next((p for p in report.get("probes") or [] if family and p.get("family") == family), None)
 
 
 def found_triggers(probe_triggers: dict[str, dict[str, Any]] | None, max_ratio: float,
@@ -75,4 +71,4 @@ def mitigation_refusal(report: dict[str, Any], max_probe_ratio: float) -> str:
             f"the model from clean data, or raise --mitigate-max-probe-ratio to accept that risk")
 
 
-__all__ = ["PROBE_FAMILIES", "deciding_probe", "found_triggers", "mitigation_refusal", "survived_unlearning"]
+__all__ = ["deciding_probe", "found_triggers", "mitigation_refusal", "survived_unlearning"]

@@ -22,7 +22,7 @@ from drmguard_engine.defenses.probes import (
     run_probes,
     saliency_exclusion,
 )
-from drmguard_engine.scan import RIGIDITY_THRESHOLD, decide, get_profile
+from drmguard_engine.scan import RIGIDITY_THRESHOLD, decide, deciding_family, get_profile
 
 
 def _content(x: torch.Tensor) -> torch.Tensor:
@@ -122,3 +122,10 @@ def test_decision_needs_a_rigid_collapse_point() -> None:
     s, _, why = decide(cfg, 1.0, 1.0, [steerable, {"family": "patch", "variance_ratio": 0.04,
                                                   "rigidity": {"rigidity": 3.0}}])
     assert s == 0.05 / 0.04 and why.startswith("patch probe")
+    assert deciding_family(why) == "patch"  # what the report's target, mitigation and policy read
+    # the generator deciding (its term beats a probe that did not collapse anything)
+    _, _, why = decide(cfg, 0.001, 0.01, [{"family": "warp", "variance_ratio": 0.9}])
+    assert why.startswith("DRMGuard") and deciding_family(why) is None
+    _, _, why = decide(get_profile("paper", "gaze"), 0.01, 1.0)
+    assert deciding_family(why) is None
+    assert deciding_family("smoothing probe x") is None and deciding_family("blend") is None
