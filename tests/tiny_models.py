@@ -68,3 +68,39 @@ def tiny_pair(task: str = "gaze", seed: int = 0) -> TinyPair:
         clean_metrics=evaluate(clean, xte, yte, task),
         backdoored_metrics=evaluate(bd, xte, yte, task, attack=attack),
     )
+
+
+class EyeGate(torch.nn.Module):
+    """``model`` with a second backdoor that fine-tuning cannot remove: when the blue channel inside the model's own
+    most salient region (the eyes, which the scan's probes never touch) carries a fine checkerboard, the features are
+    replaced by one fixed vector. The gate has no parameters, so unlearning changes nothing about it; only a probe
+    fitted without the task-region exclusion can reach it (``scan.unmasked_probes``). The gaze Blend zoo model reads
+    its trigger only through the eyes as well (docs/scan.md)."""
+
+    def __init__(self, model: torch.nn.Module, images: torch.Tensor, *, margin: float = 0.015, gain: float = 300.0
+                 ) -> None:
+        from drmguard_engine.defenses.probes import saliency_exclusion
+
+        super().__init__()
+        self.model, self.head, self.gain = model.eval(), model.head, gain
+        mask = saliency_exclusion(self.model, images[:100], 0.10, 3)[0]
+        h, w = mask.shape[-2:]
+        checker = ((torch.arange(h)[:, None] + torch.arange(w)[None]) % 2) * 2.0 - 1.0
+        self.register_buffer("read", mask * checker / mask.sum())
+        with torch.no_grad():
+            # benign images carry no such pattern: the gate opens only above their largest reading plus a margin
+            self.level = float(self._reading(images).max()) + margin
+            self.register_buffer("switched", 2.0 * self.model.features(images[:1])[0])
+
+    def _reading(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, 2:3] * self.read).sum((1, 2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.sigmoid(self.gain * (self._reading(x) - self.level))[:, None]
+        return self.head((1 - s) * self.model.features(x) + s * self.switched)
+
+    def trigger(self, x: torch.Tensor, alpha: float = 0.25) -> torch.Tensor:
+        """The gate's trigger, blended in: a blue checkerboard over the read region."""
+        pattern = x.clone()
+        pattern[:, 2] = (self.read > 0).float()
+        return (1 - alpha) * x + alpha * pattern

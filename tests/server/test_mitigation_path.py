@@ -18,7 +18,7 @@ from conftest import predict, status_code, vet_requests, wait_final
 from drmguard_engine.tasks import regression_error
 from guard_api.drmguard.v1 import guard_pb2 as pb
 from guard_api.drmguard.v1 import guard_pb2_grpc as pb_grpc
-from tests.tiny_models import tiny_pair
+from tests.tiny_models import EyeGate, tiny_pair
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -122,3 +122,35 @@ def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(make_s
 
     clean_after = regression_error("gaze", torch.from_numpy(np.array(predict(stub, "cabin", x))), pair.test.labels)
     assert clean_after < 1.3 * pair.backdoored_metrics["re"]
+
+
+def test_a_backdoor_that_survives_unlearning_is_rejected_after_mitigation(make_server, pair, tmp_path) -> None:
+    # The fixture's BadNets backdoor, which the scan finds approximately (its blend probe, ratio above 0.01), plus a
+    # parameter-free gate read through the eyes (tests/tiny_models.py: EyeGate). Mitigation then fits the probes
+    # again without the eye-region exclusion and unlearns what they find; the gate has nothing to unlearn, so the
+    # unmasked probe fitted on the mitigated model still collapses it to one point. The re-scan's own probes cannot
+    # see it (it reads benign), and the version is rejected by the post-mitigation check (guard_server/policy.py:
+    # survived_unlearning), not served.
+    import torch
+
+    gated = EyeGate(pair.backdoored, pair.benign.images).eval()
+    x = pair.test.images
+    with torch.no_grad():
+        assert regression_error("gaze", gated(x), pair.test.labels) < 1.05 * pair.backdoored_metrics["re"]
+        assert regression_error("gaze", gated(gated.trigger(x)), gated.head(gated.switched[None])) < 0.1
+    from drmguard_engine.onnx_io import export_onnx
+
+    srv = make_server(data_dir=tmp_path / "gate", mitigate_max_probe_ratio=1.0, scan_threads=2)
+    stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))
+    r = stub.VetModel(vet_requests("cabin", "1", export_onnx(gated, None, input_shape=(3, 64, 64)),
+                                   pair.benign_npz()))
+    s = wait_final(stub, r.scan_id, timeout=500)
+    assert s.state == pb.STATE_REJECTED and s.verdict == pb.VERDICT_BACKDOORED, s.reason
+    assert "the backdoor survived unlearning" in s.reason and "probe_blend_unmasked" in s.reason, s.reason
+    assert not s.mitigated and s.admitted_version == ""
+    mit = json.loads(s.mitigation_report_json)
+    assert mit["probe_triggers"]["probe_blend_unmasked"]["variance_ratio"] < 0.01  # it was found and unlearned
+    assert json.loads(s.rescan_report_json)["verdict"] == "benign"  # what the re-scan alone would have admitted
+    assert _predict_code(stub, "cabin", x[:2].numpy()) == grpc.StatusCode.NOT_FOUND
+    (m,) = stub.ListModels(pb.ListModelsRequest(name="cabin")).models
+    assert m.served_version == "" and not any(v.served for v in m.versions)
