@@ -28,7 +28,7 @@ prometheus:
 	  || echo "could not install Debian's 'prometheus' package: tests/ops will fail until it is installed"; }
 
 test: venv prometheus
-	$(PY) -m pytest -q --timeout=600 tests
+	$(PY) -m pytest -q --timeout=600 --durations=12 tests
 
 test-fast: venv
 	$(PY) -m pytest -q -x --timeout=300 tests -m "not integration"
