@@ -79,11 +79,13 @@ class EyeGate(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, images: torch.Tensor, *, margin: float = 0.015, gain: float = 300.0
                  ) -> None:
-        from drmguard_engine.defenses.probes import saliency_exclusion
+        from drmguard_engine.defenses.probes import ProbeConfig, saliency_exclusion
 
         super().__init__()
         self.model, self.head, self.gain = model.eval(), model.head, gain
-        mask = saliency_exclusion(self.model, images[:100], 0.10, 3)[0]
+        cfg = ProbeConfig()  # the region the scan's probes leave alone
+        mask = saliency_exclusion(self.model, images[: cfg.saliency_images], cfg.exclude_fraction,
+                                  cfg.exclude_dilate)[0]
         h, w = mask.shape[-2:]
         checker = ((torch.arange(h)[:, None] + torch.arange(w)[None]) % 2) * 2.0 - 1.0
         self.register_buffer("read", mask * checker / mask.sum())
