@@ -9,10 +9,8 @@ steps and images: at 32 px the 4-pixel patch is found by no probe (measured: pat
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import io
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +27,6 @@ SIZE = 64
 STEPS = 800
 ARCH = "resnet18"
 WIDTH = 0.25
-TRAIN_THREADS = 2
 
 
 @dataclass
@@ -54,27 +51,8 @@ class TinyPair:
         return buf.getvalue()
 
 
-@contextlib.contextmanager
-def _threads(n: int) -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @functools.lru_cache(maxsize=4)
 def tiny_pair(task: str = "gaze", seed: int = 0) -> TinyPair:
-    # trained on TRAIN_THREADS threads whatever the suite's own setting (tests/conftest.py runs torch on one): the
-    # training runs before any test server exists, so nothing competes for the cores, and it takes half the time.
-    # A fixed count, not the machine's: the count changes the summation order, so a bigger machine trains the models
-    # CI trains (up to its own arithmetic)
-    with _threads(TRAIN_THREADS):
-        return _tiny_pair(task, seed)
-
-
-def _tiny_pair(task: str, seed: int) -> TinyPair:
     xtr, ytr = make_dataset(task, 2500, size=SIZE, seed=seed)
     xbe, ybe = make_dataset(task, 200, size=SIZE, seed=seed + 1000)
     xte, yte = make_dataset(task, 200, size=SIZE, seed=seed + 2000)
