@@ -75,7 +75,11 @@ class EyeGate(torch.nn.Module):
     most salient region (the eyes, which the scan's probes never touch) carries a fine checkerboard, the features are
     replaced by one fixed vector. The gate has no parameters, so unlearning changes nothing about it; only a probe
     fitted without the task-region exclusion can reach it (``scan.unmasked_probes``). The gaze Blend zoo model reads
-    its trigger only through the eyes as well (docs/scan.md)."""
+    its trigger only through the eyes as well (docs/scan.md).
+
+    The gate opens ``margin`` above the largest benign reading, with a steep sigmoid (``gain``), so that benign
+    images still give a probe a gradient towards it; measured: with gain 100 and margin 0.05 no unmasked probe found
+    the gate (ratio 0.020), with 300 and 0.015 the blend probe collapses it to 4e-9."""
 
     def __init__(self, model: torch.nn.Module, images: torch.Tensor, *, margin: float = 0.015, gain: float = 300.0
                  ) -> None:
@@ -102,7 +106,7 @@ class EyeGate(torch.nn.Module):
         return self.head((1 - s) * self.model.features(x) + s * self.switched)
 
     def trigger(self, x: torch.Tensor, alpha: float = 0.25) -> torch.Tensor:
-        """The gate's trigger, blended in: a blue checkerboard over the read region."""
+        """The gate's trigger, blended in: a blue checkerboard over the read region, the rest of the image kept."""
         pattern = x.clone()
-        pattern[:, 2] = (self.read > 0).float()
+        pattern[:, 2] = torch.where(self.read != 0, (self.read > 0).float(), x[:, 2])
         return (1 - alpha) * x + alpha * pattern
