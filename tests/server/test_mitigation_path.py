@@ -72,10 +72,10 @@ def test_backdoored_model_is_rejected_when_its_probe_found_the_trigger_only_appr
 
 
 def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(make_server, pair, tmp_path) -> None:
-    # every detection may be repaired here (the fixture's probe ratio is not what this test is about), and the
-    # clean-error tolerance is 30%: how much unlearning costs this tiny model depends on its exact trained weights
-    # (measured: +21% on a copy trained with another float summation order, REJECTED at the default 10%)
-    srv = make_server(data_dir=tmp_path / "on", mitigate_max_probe_ratio=1.0, scan_threads=2, tolerance=0.3)
+    # every detection may be repaired here (the fixture's probe ratio is not what this test is about). The default
+    # 10% clean-error tolerance holds for the fixture as the suite trains it (single-threaded torch); a copy trained
+    # with another float summation order lost 21% and was, rightly, REJECTED
+    srv = make_server(data_dir=tmp_path / "on", mitigate_max_probe_ratio=1.0, scan_threads=2)
     stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))
     bd_bytes = pair.onnx("backdoored")
     r = stub.VetModel(vet_requests("cabin", "1", bd_bytes, pair.benign_npz()))
@@ -92,7 +92,7 @@ def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(make_s
     assert s.verdict == pb.VERDICT_BACKDOORED and s.mitigated and s.admitted_version == "1-mitigated", s.reason
     rescan = json.loads(s.rescan_report_json)
     assert rescan["verdict"] == "benign"
-    assert s.clean_error_after <= 1.30 * s.clean_error_before + 1e-6  # the tolerance was applied
+    assert s.clean_error_after <= 1.10 * s.clean_error_before + 1e-6  # the tolerance was applied
     mit = json.loads(s.mitigation_report_json)
     assert mit["train_size"] + mit["holdout_size"] == len(pair.benign)
     # every probe trigger unlearned is recorded with its ratio; probes fitted without the eye-region exclusion join
@@ -135,13 +135,13 @@ def test_a_backdoor_that_survives_unlearning_is_rejected_after_mitigation(make_s
     # survived_unlearning), not served.
     import torch
 
+    from drmguard_engine.onnx_io import export_onnx
+
     gated = EyeGate(pair.backdoored, pair.benign.images).eval()
     x = pair.test.images
     with torch.no_grad():
         assert regression_error("gaze", gated(x), pair.test.labels) < 1.05 * pair.backdoored_metrics["re"]
         assert regression_error("gaze", gated(gated.trigger(x)), gated.head(gated.switched[None])) < 0.1
-    from drmguard_engine.onnx_io import export_onnx
-
     srv = make_server(data_dir=tmp_path / "gate", mitigate_max_probe_ratio=1.0, scan_threads=2)
     stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))
     r = stub.VetModel(vet_requests("cabin", "1", export_onnx(gated, None, input_shape=(3, 64, 64)),
