@@ -26,6 +26,7 @@ from typing import Any
 
 from drmguard_engine.scan import deciding_family
 
+
 def deciding_probe(report: dict[str, Any]) -> dict[str, Any] | None:
     """The probe that decided a scan (its ``decision`` names it first), or None (the generator or the paper's rule
     decided)."""
@@ -72,3 +73,19 @@ def mitigation_refusal(report: dict[str, Any], max_probe_ratio: float) -> str:
 
 
 __all__ = ["deciding_probe", "found_triggers", "mitigation_refusal", "survived_unlearning"]
+
+
+def mitigation_outcome(rescan_verdict: str, survived: str, before: float, after: float,
+                       tolerance: float) -> tuple[str, str]:
+    """The final outcome of a mitigation, ``("mitigated" | "rejected", reason)``: the mitigated version is served
+    only when its re-scan reads benign, no unmasked probe still collapses it (``survived``, from
+    :func:`survived_unlearning`) and its clean error on the hold-out images rose by at most ``tolerance`` (a
+    fraction of ``before``). The checks are in that order; the first that fails is the reason."""
+    if rescan_verdict != "benign":
+        return "rejected", "backdoor found; the mitigated model still scans as backdoored"
+    if survived:
+        return "rejected", f"backdoor found; {survived}"
+    if not (after <= before * (1.0 + tolerance) + 1e-9):  # a NaN error fails closed
+        return "rejected", (f"backdoor found; mitigation raised clean error from {before:.3f} to {after:.3f} degrees, "
+                            f"more than the {tolerance:.0%} tolerance")
+    return "mitigated", f"backdoor found and removed; re-scan benign; clean error {before:.3f} -> {after:.3f} degrees"

@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-from .policy import mitigation_refusal, survived_unlearning
+from .policy import mitigation_outcome, mitigation_refusal, survived_unlearning
 
 _OUT: TextIO | None = None
 _LAST_PROGRESS = [0.0]
@@ -172,17 +172,8 @@ def run_job(job: dict[str, Any]) -> None:
     seconds = time.monotonic() - t1
     emit("rescan_done", report=rdict, verdict=rescan.verdict, perturbation_ratio=_finite(rescan.perturbation_ratio),
          seconds=seconds, unmasked_after=unmasked_after, unmasked_max_ratio=mcfg.unmasked_rigidity_below)
-    if rescan.verdict != "benign":
-        emit("result", outcome="rejected", reason="backdoor found; the mitigated model still scans as backdoored")
-    elif survived:
-        emit("result", outcome="rejected", reason=f"backdoor found; {survived}")
-    elif after > before * (1.0 + tol) + 1e-9:
-        emit("result", outcome="rejected",
-             reason=f"backdoor found; mitigation raised clean error from {before:.3f} to {after:.3f} degrees, "
-                    f"more than the {tol:.0%} tolerance")
-    else:
-        emit("result", outcome="mitigated",
-             reason=f"backdoor found and removed; re-scan benign; clean error {before:.3f} -> {after:.3f} degrees")
+    outcome, reason = mitigation_outcome(rescan.verdict, survived, before, after, tol)
+    emit("result", outcome=outcome, reason=reason)
 
 
 def die_with_parent() -> None:

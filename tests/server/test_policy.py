@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from guard_server.policy import deciding_probe, mitigation_refusal
+from guard_server.policy import deciding_probe, mitigation_outcome, mitigation_refusal, survived_unlearning
 from guard_server.settings import ServerSettings
 
 
@@ -47,3 +47,40 @@ def test_the_setting_is_validated() -> None:
     assert ServerSettings().mitigate_max_probe_ratio == 0.01
     with pytest.raises(ValueError, match="mitigate_max_probe_ratio"):
         ServerSettings(mitigate_max_probe_ratio=2.0)
+
+
+def test_a_mitigation_that_costs_more_clean_error_than_the_tolerance_is_rejected() -> None:
+    # the figures of the two-thread copy of the tiny fixture (docs/scan.md): unlearning raised clean error from
+    # 4.043 to 4.903 degrees (+21%), over the default 10%
+    outcome, why = mitigation_outcome("benign", "", 4.043, 4.903, 0.10)
+    assert outcome == "rejected"
+    assert "raised clean error from 4.043 to 4.903 degrees, more than the 10% tolerance" in why
+    assert mitigation_outcome("benign", "", 4.043, 4.903, 0.25)[0] == "mitigated"  # an operator's wider tolerance
+    # at the bound exactly, and below it, the version is served; lower error after unlearning is fine too
+    assert mitigation_outcome("benign", "", 4.0, 4.4, 0.10)[0] == "mitigated"
+    assert mitigation_outcome("benign", "", 4.0, 4.41, 0.10)[0] == "rejected"
+    outcome, why = mitigation_outcome("benign", "", 3.345, 3.1, 0.0)
+    assert outcome == "mitigated" and "3.345 -> 3.100 degrees" in why
+
+
+def test_a_mitigation_with_an_unmeasurable_clean_error_fails_closed() -> None:
+    assert mitigation_outcome("benign", "", 4.0, float("nan"), 0.10)[0] == "rejected"
+    assert mitigation_outcome("benign", "", float("nan"), 4.0, 0.10)[0] == "rejected"
+    assert mitigation_outcome("benign", "", 4.0, float("inf"), 10.0)[0] == "rejected"
+
+
+def test_the_rescan_and_the_survival_check_come_before_the_clean_error() -> None:
+    # a re-scan that still reads backdoored rejects whatever the clean error did
+    outcome, why = mitigation_outcome("backdoored", "", 4.0, 3.9, 0.10)
+    assert outcome == "rejected" and "still scans as backdoored" in why
+    # an unmasked probe that still collapses the mitigated model (the survival test's figures)
+    survived = survived_unlearning({"config": {"rigidity_threshold": 1.7}},
+                                   {"blend_unmasked": {"variance_ratio": 1e-8, "rigidity": 3500.0}}, 0.01)
+    assert "blend_unmasked variance ratio 0.0000, rigidity 3500.00" in survived
+    outcome, why = mitigation_outcome("benign", survived, 4.0, 3.9, 0.10)
+    assert outcome == "rejected" and why.endswith("the backdoor survived unlearning")
+    # the same probe, no longer rigid or no longer collapsing, is not a survival
+    assert survived_unlearning({"config": {"rigidity_threshold": 1.7}},
+                               {"blend_unmasked": {"variance_ratio": 1e-8, "rigidity": 1.2}}, 0.01) == ""
+    assert survived_unlearning({"config": {"rigidity_threshold": 1.7}},
+                               {"blend_unmasked": {"variance_ratio": 0.2, "rigidity": 40.0}}, 0.01) == ""
