@@ -69,7 +69,8 @@ def target_distance(task: str, est: list[float], real: list[float] | None) -> fl
 
 
 def run(zoo: Path, out: Path, profiles: list[str], overrides: dict[str, Any], tag: str, n_benign: int,
-        benign_seed: int, kinds: list[str] | None, tasks: list[str] | None) -> dict[str, list[dict[str, Any]]]:
+        benign_seed: int, kinds: list[str] | None, tasks: list[str] | None,
+        device: str = "cpu") -> dict[str, list[dict[str, Any]]]:
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     entries = [e for e in zoo_entries(zoo) if (kinds is None or e["kind"] in kinds)
@@ -94,7 +95,7 @@ def run(zoo: Path, out: Path, profiles: list[str], overrides: dict[str, Any], ta
                 model = load_onnx_model(onnx_path)
                 cfg = get_profile(profile, task, **overrides)
                 t0 = time.time()
-                report = scan(model, sets[(task, size)], task, cfg)
+                report = scan(model, sets[(task, size)], task, cfg, device=device)
                 rep = report.to_dict()
                 rep.pop("loss_history", None)
                 rep["wall_seconds"] = time.time() - t0
@@ -111,6 +112,7 @@ def run(zoo: Path, out: Path, profiles: list[str], overrides: dict[str, Any], ta
             m = e.get("metrics", {})
             row = {
                 "task": e["task"], "kind": e["kind"], "arch": e["arch"], "width": e["width"], "seed": e["seed"],
+                "size": int(e.get("size", 64)),
                 "backdoored": bool(e["backdoored"]), "real_trigger_ratio": m.get("real_trigger_ratio"),
                 # a model whose backdoor did not implant (AE > 2x clean RE) carries no backdoor to find
                 "implanted": (not e["backdoored"]) or (m.get("ae", 1e9) <= 2 * m.get("re", 0.0)),
@@ -153,7 +155,8 @@ def _f(v: Any, p: int = 3) -> str:
 
 
 def tables(rows: list[dict[str, Any]], name: str, overrides: dict[str, Any]) -> str:
-    lines = [f"# Identification on the synthetic 64x64 zoo: profile `{name}`", ""]
+    sizes = sorted({int(r.get("size", 64)) for r in rows})
+    lines = [f"# Identification on the synthetic {'/'.join(f'{z}x{z}' for z in sizes)} zoo: profile `{name}`", ""]
     if overrides:
         lines += [f"Overrides: `{json.dumps(overrides)}`", ""]
     lines += ["Tables 2-4 form. Positive = backdoored. ROC-AUC on the report's `score`. 'vs benign' rows pair the "
@@ -206,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kinds", nargs="+", default=None)
     p.add_argument("--tasks", nargs="+", default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="where to scan: cpu (default) or cuda (the cache key ignores it)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides[k] = json.loads(v)
         except json.JSONDecodeError:
             overrides[k] = v
-    run(a.zoo, a.out, a.profiles, overrides, a.tag, a.n_benign, a.benign_seed, a.kinds, a.tasks)
+    run(a.zoo, a.out, a.profiles, overrides, a.tag, a.n_benign, a.benign_seed, a.kinds, a.tasks, a.device)
     return 0
 
 

@@ -141,8 +141,8 @@ def _export(model: torch.nn.Module, path: Path, size: int) -> None:
 class Zoo:
     """Builds (or reuses) zoo models under ``out``."""
 
-    def __init__(self, out: Path, settings: ZooSettings) -> None:
-        self.out, self.s = out, settings
+    def __init__(self, out: Path, settings: ZooSettings, device: str = "cpu") -> None:
+        self.out, self.s, self.device = out, settings, device
         self._data: dict[str, tuple[np.ndarray, ...]] = {}
 
     def data(self, task: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -185,7 +185,7 @@ class Zoo:
         xtr, ytr, _, _ = self.data(task)
         model = build_model(arch, task, input_size=s.size, width=width, seed=seed)
         return train(model, xtr, ytr, task=task, steps=s.surrogate_steps, lr=s.lr, batch_size=s.batch_size,
-                     milestones=(), seed=seed)
+                     milestones=(), seed=seed, device=self.device).cpu()
 
     def make_attack(self, task: str, kind: str, seed: int) -> Attack | None:
         if kind == "benign":
@@ -232,10 +232,13 @@ class Zoo:
         steps, milestones = self.schedule(kind)
         model = train(
             model, xtr, ytr, task=task, steps=steps, lr=s.lr, batch_size=s.batch_size,
-            milestones=milestones, attack=attack, seed=seed,
+            milestones=milestones, attack=attack, seed=seed, device=self.device,
         )
         train_seconds = time.time() - t0
-        metrics: dict[str, Any] = evaluate(model, xte, yte, task, attack=attack)
+        metrics: dict[str, Any] = evaluate(model, xte, yte, task, attack=attack, device=self.device)
+        model = model.cpu()
+        if attack is not None:
+            attack.to(torch.device("cpu"))
         metrics = {k: float(v) for k, v in metrics.items()}
         if attack is not None:
             xt = torch.from_numpy(xte[:200]).float() / 255.0
@@ -327,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default="", help="the real dataset's folder, in its own on-disk format")
     p.add_argument("--max-images", type=int, default=0, help="cap on the real dataset's images (0: the loader's)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on 2 shared cores)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default 64)")
+    p.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda")
     p.add_argument("--quick", action="store_true",
                    help="pipeline check in minutes: gaze only, 1 model per kind, 150 steps, 800 images (no implant "
                         "is expected at this budget)")
@@ -361,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
             milestones=tuple(round(m * steps / s.steps) for m in s.milestones),
             surrogate_steps=min(s.surrogate_steps, steps),
         )
-    zoo = Zoo(a.out, s)
+    if a.size:
+        s = dataclasses.replace(s, size=a.size)
+    zoo = Zoo(a.out, s, device=a.device)
     entries: list[dict[str, Any]] = []
     t0 = time.time()
     for task in a.tasks:
