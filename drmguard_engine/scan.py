@@ -355,7 +355,7 @@ def scan(
     timings.update({f"rigidity_{d['family']}": d["rigidity"]["seconds"] for d in probe_dicts
                     if "rigidity" in d})
     steps = cfg.drmguard.pretrain_steps + cfg.drmguard.steps + (
-        cfg.probes.steps * len(cfg.probes.families) if cfg.probes is not None else 0)
+        cfg.probes.steps_for(*benign.images.shape[-2:]) * len(cfg.probes.families) if cfg.probes is not None else 0)
     return ScanReport(
         verdict=verdict,
         perturbation_ratio=rev.perturbation_ratio,

@@ -64,6 +64,11 @@ class ProbeConfig:
     rigidity_controls: int = 4
     rigidity_distance: float = 0.5
     rigidity_steps: int = 50  # each fit starts from the probe's own transformation
+    # ``steps`` is the budget at this image side; larger images get proportionally more (:meth:`steps_for`); 0 keeps
+    # ``steps`` at every size. Measured at 224 px (docs/gpu.md): with 150 steps the patch probe's per-pixel mask had
+    # not found a BadNets patch (variance ratio 0.089, the scan missed it); with 300 it had (0.014, rigidity 1.91)
+    # and with 600 clearly (0.0027, rigidity 2.51), while three clean models stayed at 0.11 or more
+    steps_reference_side: int = 64
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,12 +77,22 @@ class ProbeConfig:
             raise ConfigError(f"probe families must be a non-empty subset of {FAMILIES}, got {self.families}")
         if self.steps <= 0 or self.batch_size <= 1:
             raise ConfigError("probe steps must be positive and batch_size at least 2")
+        if self.steps_reference_side < 0:
+            raise ConfigError(f"steps_reference_side must be >= 0 (0: the same steps at every size), got "
+                              f"{self.steps_reference_side}")
         if not 0 < self.blend_alpha < 1 or not 0 < self.patch_area < 1:
             raise ConfigError("blend_alpha and patch_area must be in (0, 1)")
         if not 0 <= self.exclude_fraction < 1:
             raise ConfigError(f"exclude_fraction must be in [0, 1), got {self.exclude_fraction}")
         if self.rigidity_controls < 2 or self.rigidity_controls % 2 or self.rigidity_steps <= 0:
             raise ConfigError("rigidity_controls must be an even number >= 2 and rigidity_steps positive")
+
+    def steps_for(self, height: int, width: int) -> int:
+        """The fit steps of each probe for an image of this size: ``steps`` up to ``steps_reference_side``, then in
+        proportion to the longer side (150 steps at 64 px, 525 at 224 px)."""
+        if self.steps_reference_side <= 0:
+            return self.steps
+        return max(self.steps, round(self.steps * max(height, width) / self.steps_reference_side))
 
     def replace(self, **changes: Any) -> ProbeConfig:
         return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})
@@ -273,7 +288,8 @@ def run_probes(
         exclude = saliency_exclusion(model, fit[: cfg.saliency_images], cfg.exclude_fraction, cfg.exclude_dilate)
     max_l1 = held.abs().flatten(1).sum(1).max().clamp_min(1e-12)
     results = []
-    total = cfg.steps * len(cfg.families)
+    steps = cfg.steps_for(*images.shape[-2:])
+    total = steps * len(cfg.families)
     done = 0
     for family in cfg.families:
         t0 = time.perf_counter()
@@ -281,10 +297,10 @@ def run_probes(
         def tick(step: int, loss: float, family: str = family) -> None:
             nonlocal done
             done += 1
-            if progress is not None and (step % 25 == 0 or step == cfg.steps - 1):
+            if progress is not None and (step % 25 == 0 or step == steps - 1):
                 progress("probe", done, total, {f"probe_{family}": loss}, None)
 
-        probe = _fit(model, family, fit, var_fit, cfg, exclude, None, cfg.steps,
+        probe = _fit(model, family, fit, var_fit, cfg, exclude, None, steps,
                      cfg.seed * 1009 + FAMILIES.index(family) + 1, cancel, tick)
         with torch.no_grad():
             xp_fit = torch.cat([probe(fit[i : i + 256]) for i in range(0, fit.shape[0], 256)])

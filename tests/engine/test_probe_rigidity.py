@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +23,7 @@ from drmguard_engine.defenses.probes import (
     run_probes,
     saliency_exclusion,
 )
+from drmguard_engine.errors import ConfigError
 from drmguard_engine.scan import RIGIDITY_THRESHOLD, decide, deciding_family, get_profile
 
 
@@ -129,3 +131,20 @@ def test_decision_needs_a_rigid_collapse_point() -> None:
     _, _, why = decide(get_profile("paper", "gaze"), 0.01, 1.0)
     assert deciding_family(why) is None
     assert deciding_family("smoothing probe x") is None and deciding_family("blend") is None
+
+
+def test_larger_images_get_proportionally_more_probe_steps() -> None:
+    cfg = ProbeConfig(steps=150)
+    assert cfg.steps_for(64, 64) == 150 and cfg.steps_for(32, 32) == 150  # the calibrated budget, never fewer
+    assert cfg.steps_for(224, 224) == 525 and cfg.steps_for(96, 128) == 300  # by the longer side
+    assert cfg.replace(steps_reference_side=0).steps_for(224, 224) == 150
+    with pytest.raises(ConfigError, match="steps_reference_side"):
+        ProbeConfig(steps_reference_side=-1)
+    # run_probes fits each family for the scaled budget: 3 steps at 16 px, 6 at 32 px
+    x = _images()
+    for side, want in ((16, 3), (32, 6)):
+        ticks: list[tuple[int, int]] = []
+        small = ProbeConfig(steps=3, steps_reference_side=16, families=("blend", "warp"))
+        run_probes(_Switch(), F.interpolate(x[:20], size=side), small,
+                   progress=lambda phase, done, total, losses, ratio: ticks.append((done, total)))
+        assert ticks[-1] == (2 * want, 2 * want), (side, ticks)
