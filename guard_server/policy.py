@@ -72,9 +72,6 @@ def mitigation_refusal(report: dict[str, Any], max_probe_ratio: float) -> str:
             f"the model from clean data, or raise --mitigate-max-probe-ratio to accept that risk")
 
 
-__all__ = ["deciding_probe", "found_triggers", "mitigation_refusal", "survived_unlearning"]
-
-
 def mitigation_outcome(rescan_verdict: str, survived: str, before: float, after: float,
                        tolerance: float) -> tuple[str, str]:
     """The final outcome of a mitigation, ``("mitigated" | "rejected", reason)``: the mitigated version is served
@@ -89,3 +86,6 @@ def mitigation_outcome(rescan_verdict: str, survived: str, before: float, after:
         return "rejected", (f"backdoor found; mitigation raised clean error from {before:.3f} to {after:.3f} degrees, "
                             f"more than the {tolerance:.0%} tolerance")
     return "mitigated", f"backdoor found and removed; re-scan benign; clean error {before:.3f} -> {after:.3f} degrees"
+
+
+__all__ = ["deciding_probe", "found_triggers", "mitigation_outcome", "mitigation_refusal", "survived_unlearning"]
