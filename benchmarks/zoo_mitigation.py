@@ -19,14 +19,15 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.scan_tables import benign_set  # noqa: E402
 from drmguard_engine.attacks import load_attack  # noqa: E402
 from drmguard_engine.data.benign import BenignSet  # noqa: E402
 from drmguard_engine.data.synthetic import make_dataset  # noqa: E402
@@ -46,16 +47,20 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     rows = []
+    # D_be (split into fit / hold-out) and the test set, made once per (task, size, data seed)
+    sets: dict[tuple[Any, ...], tuple[BenignSet, BenignSet, np.ndarray, np.ndarray]] = {}
     for meta_path in sorted(a.zoo.rglob("meta.json")):
         e = json.loads(meta_path.read_text())
         if not e["backdoored"]:
             continue
         d, task, size = meta_path.parent, e["task"], int(e["size"])
-        x, y = make_dataset(task, a.n_benign, size=size, seed=a.benign_seed)
-        bset = BenignSet(torch.from_numpy(x).float() / 255.0, torch.from_numpy(y))
-        n_hold = max(1, round(0.2 * len(bset)))
-        train_set, hold = bset.subset(np.arange(n_hold, len(bset))), bset.subset(np.arange(n_hold))
-        xte, yte = make_dataset(task, a.n_test, size=size, seed=int(e.get("data_seed", 0)) + 10_000)
+        key = (task, size, int(e.get("data_seed", 0)))
+        if key not in sets:
+            bset = benign_set(task, size, a.n_benign, a.benign_seed)
+            n_hold = max(1, round(0.2 * len(bset)))
+            xte, yte = make_dataset(task, a.n_test, size=size, seed=key[2] + 10_000)  # the zoo's own test set
+            sets[key] = (bset.subset(np.arange(n_hold, len(bset))), bset.subset(np.arange(n_hold)), xte, yte)
+        train_set, hold, xte, yte = sets[key]
         attack = load_attack(d / "attack.npz")
         model = load_onnx_model(d / "model.onnx")
         before = evaluate(model, xte, yte, task, attack=attack, device=a.device)
