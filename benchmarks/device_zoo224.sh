@@ -21,14 +21,8 @@ PY=${PY:-python3}
 DEV=${DEV:-cuda} SIZE=${SIZE:-224} WIDTH=${WIDTH:-0.5} NBENIGN=${NBENIGN:-400}
 ZOO_ARGS=${ZOO_ARGS:-}
 W=${W:-/tmp/z224}
-mkdir -p "$OUT" "$W/res"
-exec > >(tee -a "$OUT/run.log") 2>&1
-T0=$(date +%s)
-left() { echo $((BUDGET - ($(date +%s) - T0))); }
-say() { echo "== [$(( $(date +%s) - T0 ))s] $*"; }
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-nvidia-smi -L 2>/dev/null
-$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+. benchmarks/device_common.sh
+mkdir -p "$W/res"
 
 ZOO="$PY benchmarks/zoo.py --tasks gaze --size $SIZE --widths $WIDTH --device $DEV --threads $OMP_NUM_THREADS --out $W/zoo $ZOO_ARGS"
 say "training the $SIZE px zoo on $DEV (width $WIDTH), one process per model"

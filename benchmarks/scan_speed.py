@@ -1,7 +1,7 @@
 """Per-step cost of the scan profiles, extrapolated to a whole scan: `paper` and `default` on a 64x64 ResNet18.
 
 Usage: ``.venv/bin/python benchmarks/scan_speed.py [--width 1.0] [--size 64] [--steps 10] [--threads 2]
-[--device cpu|cuda] [--cudnn-benchmark]``. Times a few
+[--device cpu|cuda] [--cudnn-benchmark] [--memory-format auto|contiguous|channels_last]``. Times a few
 steps of each phase (generator pre-training, reverse engineering, probes) and multiplies by the profile's step
 counts; prints one JSON object.
 """
@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drmguard_engine.data.synthetic import make_dataset  # noqa: E402
-from drmguard_engine.defenses.probes import run_probes  # noqa: E402
 from drmguard_engine.defenses.drmguard import reverse_engineer  # noqa: E402
+from drmguard_engine.defenses.probes import run_probes  # noqa: E402
 from drmguard_engine.models import build_model  # noqa: E402
 from drmguard_engine.scan import get_profile  # noqa: E402
 
@@ -34,6 +34,8 @@ def main() -> int:
     p.add_argument("--task", default="gaze")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
+    p.add_argument("--memory-format", default="auto", choices=["auto", "contiguous", "channels_last"],
+                   help="tensor layout of the reverse engineering (auto: channels-last on CUDA)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.backends.cudnn.benchmark = a.cudnn_benchmark
@@ -41,14 +43,15 @@ def main() -> int:
     images = (torch.from_numpy(x).float() / 255).to(a.device)
     model = build_model("resnet18", a.task, input_size=a.size, width=a.width).eval().to(a.device)
     out: dict[str, object] = {"width": a.width, "size": a.size, "threads": a.threads, "device": a.device,
-                              "cudnn_benchmark": a.cudnn_benchmark}
+                              "cudnn_benchmark": a.cudnn_benchmark, "memory_format": a.memory_format}
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)
     # One untimed step of each phase first: CUDA context, cuDNN autotuning and allocator warm-up.
-    reverse_engineer(model, images, get_profile("paper", a.task).drmguard.replace(pretrain_steps=1, steps=1))
+    warm = get_profile("paper", a.task).drmguard.replace(pretrain_steps=1, steps=1, memory_format=a.memory_format)
+    reverse_engineer(model, images, warm)
     sync()
     for name in ("paper", "default"):
         cfg = get_profile(name, a.task)
-        dg = cfg.drmguard
+        dg = cfg.drmguard.replace(memory_format=a.memory_format)
         t0 = time.perf_counter()
         reverse_engineer(model, images, dg.replace(pretrain_steps=a.steps, steps=1))
         sync()

@@ -69,6 +69,9 @@ class DRMGuardConfig:
     attention_kappa: float = 1.01
     epsilon: float = 0.03
     seed: int = 0
+    # tensor layout of G, f and the images: "auto" is channels-last on CUDA (cuDNN's fast NHWC kernels; the same
+    # arithmetic, summed in another order) and the default layout elsewhere
+    memory_format: Literal["auto", "channels_last", "contiguous"] = "auto"
 
     def __post_init__(self) -> None:
         if self.generator not in ("paper", "residual"):
@@ -92,6 +95,10 @@ class DRMGuardConfig:
             raise ConfigError(f"attention_dilate must be an odd size >= 1, got {self.attention_dilate}")
         if not self.attention_kappa > 1:
             raise ConfigError(f"attention_kappa must be > 1 (the map must stay below 1), got {self.attention_kappa}")
+        if self.memory_format not in ("auto", "channels_last", "contiguous"):
+            raise ConfigError(
+                f"memory_format must be 'auto', 'channels_last' or 'contiguous', got {self.memory_format!r}"
+            )
         if self.variance_term not in ("absolute", "relative"):
             raise ConfigError(f"variance_term must be 'absolute' or 'relative', got {self.variance_term!r}")
 
@@ -193,6 +200,13 @@ def _blend(g: torch.Tensor, x: torch.Tensor, t: torch.Tensor | None) -> torch.Te
     return g if t is None else g * (1 - t) + x * t
 
 
+def memory_format_for(device: torch.device, choice: str) -> torch.memory_format:
+    """The layout a scan on ``device`` uses: ``auto`` picks channels-last on CUDA only."""
+    if choice == "channels_last" or (choice == "auto" and device.type == "cuda"):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def perturbation_ratio(poisoned: torch.Tensor, images: torch.Tensor) -> float:
     """mean_i ||x'_i - x_i||_1 / max_i ||x_i||_1 (the quantity the epsilon rule compares)."""
     num = (poisoned - images).abs().flatten(1).sum(1).mean()
@@ -210,6 +224,28 @@ def reverse_engineer(
     phase: str = "reverse",
 ) -> ReverseResult:
     """Optimises G on equation 5 (+ MTR) with ``model`` frozen; ``images`` is D_be in [0,1] on the scan device."""
+    device = images.device
+    layout = memory_format_for(device, cfg.memory_format)
+    if layout is torch.contiguous_format:
+        return _reverse_engineer(model, images, cfg, layout, progress=progress, cancel=cancel, phase=phase)
+    model.to(memory_format=layout)
+    try:
+        return _reverse_engineer(model, images.contiguous(memory_format=layout), cfg, layout, progress=progress,
+                                 cancel=cancel, phase=phase)
+    finally:  # the caller's model goes back to its own layout (ONNX export and the CPU expect it)
+        model.to(memory_format=torch.contiguous_format)
+
+
+def _reverse_engineer(
+    model: nn.Module,
+    images: torch.Tensor,
+    cfg: DRMGuardConfig,
+    layout: torch.memory_format,
+    *,
+    progress: Progress | None,
+    cancel: Any,
+    phase: str,
+) -> ReverseResult:
     device = images.device
     n = images.shape[0]
     if n < 2:
@@ -233,6 +269,7 @@ def reverse_engineer(
     seconds = {"attention": time.perf_counter() - t0}
 
     g_net = build_generator(cfg.generator, images.shape[1], width=cfg.generator_width).to(device)
+    g_net.to(memory_format=layout)
     bs = min(cfg.batch_size, n)
 
     def batch_idx() -> torch.Tensor:
@@ -249,7 +286,7 @@ def reverse_engineer(
         g_net.train()
         for step in range(cfg.pretrain_steps):
             check_cancel()
-            x = images[batch_idx()]
+            x = images[batch_idx()].contiguous(memory_format=layout)
             loss = (g_net(x) - x).abs().mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -265,8 +302,8 @@ def reverse_engineer(
     for step in range(cfg.steps):
         check_cancel()
         idx = batch_idx()
-        x = images[idx]
-        t = None if tmaps is None else tmaps[idx]
+        x = images[idx].contiguous(memory_format=layout)
+        t = None if tmaps is None else tmaps[idx].contiguous(memory_format=layout)
         xp = _blend(g_net(x), x, t)
         feats, out = _forward_split(model, xp)
         terms = equation5(out, feats, xp, x, feats_b_all[idx], w, cfg, out_var_b)
@@ -314,7 +351,7 @@ def reverse_engineer(
         ovr = float((out_p.var(0, unbiased=False) / out_var_b).mean())
     return ReverseResult(
         generator=g_net,
-        poisoned=poisoned,
+        poisoned=poisoned.contiguous(),
         perturbation_ratio=ratio,
         estimated_target=[float(v) for v in out_p.mean(0).tolist()],
         output_variance_ratio=ovr,

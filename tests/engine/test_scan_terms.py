@@ -15,7 +15,9 @@ from drmguard_engine.defenses.drmguard import (
     DRMGuardConfig,
     attention_maps,
     equation5,
+    memory_format_for,
     perturbation_ratio,
+    reverse_engineer,
 )
 from drmguard_engine.defenses.generator import PaperGenerator, ResidualGenerator
 from drmguard_engine.defenses.probes import ProbeConfig, _Probe
@@ -209,6 +211,29 @@ def test_neighbourhood_unlearning_moves_probe_copies_not_the_report() -> None:
         MitigationConfig(neighbourhood_sigma=-1.0)
     with pytest.raises(ConfigError):
         MitigationConfig(neighbourhood_share=1.5)
+
+
+def test_channels_last_layout_gives_the_same_reverse_engineering() -> None:
+    """The CUDA layout (channels-last) changes only the summation order: the same ratio, target and history."""
+    from drmguard_engine.models import build_model
+
+    assert memory_format_for(torch.device("cuda"), "auto") is torch.channels_last
+    assert memory_format_for(torch.device("cpu"), "auto") is torch.contiguous_format
+    assert memory_format_for(torch.device("cpu"), "channels_last") is torch.channels_last
+    with pytest.raises(ConfigError):
+        DRMGuardConfig(memory_format="nhwc")  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    model = build_model("tiny", "gaze", input_size=16).eval()
+    images = torch.rand(12, 3, 16, 16)
+    cfg = DRMGuardConfig(generator="residual", pretrain_steps=0, steps=6, batch_size=6, lr=1e-2)
+    a = reverse_engineer(model, images, cfg.replace(memory_format="contiguous"))
+    b = reverse_engineer(model, images, cfg.replace(memory_format="channels_last"))
+    assert b.perturbation_ratio == pytest.approx(a.perturbation_ratio, rel=1e-3)
+    assert b.estimated_target == pytest.approx(a.estimated_target, rel=1e-3, abs=1e-3)
+    assert [h["loss"] for h in b.history] == pytest.approx([h["loss"] for h in a.history], rel=1e-3)
+    assert b.poisoned.is_contiguous()
+    conv = next(p for p in model.parameters() if p.dim() == 4)
+    assert conv.is_contiguous()  # the caller's model is handed back in its own layout
 
 
 def test_config_validation_and_profiles() -> None:
