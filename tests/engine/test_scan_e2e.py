@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from drmguard_engine.onnx_io import load_onnx_model
-from drmguard_engine.scan import BACKDOORED, BENIGN, mitigate, scan
+from drmguard_engine.scan import BACKDOORED, BENIGN, mitigate
 from drmguard_engine.tasks import regression_error
-from tests.tiny_models import tiny_pair
+from tests.tiny_models import run_parallel, scan_onnx, tiny_pair
 
 PROFILE = "default"
 
@@ -27,12 +27,13 @@ def scanned() -> dict[str, Any]:
     assert p.clean_metrics["re"] < 10.0
     n = len(p.benign)
     train_set, hold = p.benign.subset(torch.arange(int(0.8 * n))), p.benign.subset(torch.arange(int(0.8 * n), n))
-    clean = load_onnx_model(p.onnx("clean"))
-    bd = load_onnx_model(p.onnx("backdoored"))
+    clean_onnx, bd_onnx = p.onnx("clean"), p.onnx("backdoored")
+    # the two scans side by side, each in its own single-threaded process
+    r_clean, r_bd = run_parallel([(scan_onnx, (clean_onnx, p.benign, "gaze", PROFILE)),
+                                  (scan_onnx, (bd_onnx, train_set, "gaze", PROFILE))])
     return {
-        "pair": p, "clean": clean, "bd": bd, "train": train_set, "hold": hold,
-        "r_clean": scan(clean, p.benign, "gaze", PROFILE),
-        "r_bd": scan(bd, train_set, "gaze", PROFILE),
+        "pair": p, "clean": load_onnx_model(clean_onnx), "bd": load_onnx_model(bd_onnx), "train": train_set,
+        "hold": hold, "r_clean": r_clean, "r_bd": r_bd,
     }
 
 
