@@ -71,8 +71,9 @@ def trigger_split(model: nn.Module, images: torch.Tensor, attack: Any, xte: Any,
     return {"excluded_fraction": round(float(keep.mean()), 3), "split": split}
 
 
-def unmasked(model: nn.Module, images: torch.Tensor, families: tuple[str, ...], target: Any) -> dict[str, Any]:
-    cfg = ProbeConfig(families=families, exclude_fraction=0.0)
+def unmasked(model: nn.Module, images: torch.Tensor, families: tuple[str, ...], target: Any,
+             blend_alpha: float = ProbeConfig.blend_alpha) -> dict[str, Any]:
+    cfg = ProbeConfig(families=families, exclude_fraction=0.0, blend_alpha=blend_alpha)
     with torch.no_grad():
         std = torch.cat([model(images[i : i + 200]) for i in range(0, images.shape[0], 200)]).std(0)
     out: dict[str, Any] = {}
@@ -93,6 +94,8 @@ def main() -> int:
     p.add_argument("--task", default="gaze", choices=("gaze", "headpose"))
     p.add_argument("--kinds", default="benign,badnets,blend,sig,wanet_multi", help="zoo kinds, comma-separated")
     p.add_argument("--families", default="blend,smooth")
+    p.add_argument("--blend-alpha", type=float, default=ProbeConfig.blend_alpha,
+                   help="the blend family's alpha cap (default: the scan's)")
     p.add_argument("--max-benign", type=int, default=3, help="clean zoo models to include")
     p.add_argument("--onnx", nargs="*", default=[], help="other models (ONNX) instead of the zoo")
     p.add_argument("--benign", help="D_be .npz for --onnx")
@@ -123,7 +126,7 @@ def main() -> int:
                 xte, yte = make_dataset("gaze", 500, size=size, seed=2000)  # heldout_archs.py's test set
                 row.update(trigger_split(model, images, attack, xte, yte, "gaze"))
             if not a.no_probes:
-                row["unmasked"] = unmasked(model, images, families, DEFAULT_GAZE_TARGET)
+                row["unmasked"] = unmasked(model, images, families, DEFAULT_GAZE_TARGET, a.blend_alpha)
             row["seconds"] = round(time.perf_counter() - t0)
             print(json.dumps(row), flush=True)
         return 0
@@ -143,7 +146,7 @@ def main() -> int:
         if e["kind"] != "benign":
             xte, yte = bench.test_set(e)
             row.update(trigger_split(model, dbe.images, load_attack(Path(e["dir"]) / "attack.npz"), xte, yte, a.task))
-        row["unmasked"] = unmasked(model, dbe.images, families, e.get("target"))
+        row["unmasked"] = unmasked(model, dbe.images, families, e.get("target"), a.blend_alpha)
         row["seconds"] = round(time.perf_counter() - t0)
         print(json.dumps(row), flush=True)
     return 0
