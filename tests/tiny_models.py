@@ -1,4 +1,4 @@
-"""Small trained models for end-to-end tests: a clean and a BadNets-backdoored regressor at 32 px.
+"""Small trained models for end-to-end tests: a clean and a BadNets-backdoored regressor at 64 px.
 
 Trained once per test session and cached in memory; real training with the engine's own ``train`` and ``badnets``
 attack, not planted weights, so the scan sees what it sees in the field. The two models train side by side in two

@@ -232,7 +232,7 @@ def reverse_engineer(
     try:
         return _reverse_engineer(model, images.contiguous(memory_format=layout), cfg, layout, progress=progress,
                                  cancel=cancel, phase=phase)
-    finally:  # the caller's model goes back to its own layout (ONNX export and the CPU expect it)
+    finally:  # the caller gets its model back in the default layout (ONNX export and mitigation expect it)
         model.to(memory_format=torch.contiguous_format)
 
 

@@ -233,7 +233,7 @@ def test_channels_last_layout_gives_the_same_reverse_engineering() -> None:
     assert [h["loss"] for h in b.history] == pytest.approx([h["loss"] for h in a.history], rel=1e-3)
     assert b.poisoned.is_contiguous()
     conv = next(p for p in model.parameters() if p.dim() == 4)
-    assert conv.is_contiguous()  # the caller's model is handed back in its own layout
+    assert conv.is_contiguous()  # the caller gets its model back in the default layout
 
 
 def test_config_validation_and_profiles() -> None:
