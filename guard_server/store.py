@@ -107,7 +107,9 @@ class Store:
     """Thread-safe SQLite store (one connection guarded by a lock; WAL so readers never block a writer)."""
 
     def __init__(self, data_dir: str | os.PathLike[str]) -> None:
-        self.dir = Path(data_dir)
+        # absolute: the scan worker runs in its job folder and reads every path the job file gives it from there,
+        # so a relative --data-dir (the default, ./guard-data) failed every scan before this
+        self.dir = Path(data_dir).resolve()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.blobs = BlobStore(self.dir / "blobs")
         self._lock = threading.RLock()

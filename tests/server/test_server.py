@@ -88,6 +88,20 @@ def test_vet_admit_predict_and_metrics(server, stub, gaze_model, gaze_benign) ->
     assert predict(stub, "cabin-gaze", x).shape == (5, 2)
 
 
+def test_a_relative_data_dir_works(make_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gaze_model,
+                                   gaze_benign) -> None:
+    # the README's own example (--data-dir ./guard-data, also the default): the scan worker runs in its job folder,
+    # so every path it is given must hold from there
+    monkeypatch.chdir(tmp_path)
+    srv = make_server(data_dir=Path("rel-data"))
+    stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))
+    r = stub.VetModel(vet_requests("cabin", "1", gaze_model, gaze_benign))
+    s = wait_final(stub, r.scan_id, timeout=120)
+    assert s.state == pb.STATE_ADMITTED, (s.state, s.reason)
+    assert (tmp_path / "rel-data" / "guard.sqlite3").is_file()  # the data lands where it was asked to
+    assert predict(stub, "cabin", _images(2)).shape == (2, 2)
+
+
 def test_bad_inputs_get_their_status_codes(server, stub, gaze_model, gaze_benign) -> None:
     INV, NF, RE = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED
     assert status_code(stub.VetModel, vet_requests("m", "1", gaze_model, gaze_benign, sha256="0" * 64)) == INV
