@@ -72,14 +72,25 @@ def mitigation_refusal(report: dict[str, Any], max_probe_ratio: float) -> str:
             f"the model from clean data, or raise --mitigate-max-probe-ratio to accept that risk")
 
 
-def mitigation_outcome(rescan_verdict: str, survived: str, before: float, after: float,
-                       tolerance: float) -> tuple[str, str]:
+def mitigation_outcome(rescan_verdict: str, survived: str, before: float, after: float, tolerance: float, *,
+                       rescan_score: float | None = None, max_rescan_score: float = 1.0) -> tuple[str, str]:
     """The final outcome of a mitigation, ``("mitigated" | "rejected", reason)``: the mitigated version is served
-    only when its re-scan reads benign, no unmasked probe still collapses it (``survived``, from
-    :func:`survived_unlearning`) and its clean error on the hold-out images rose by at most ``tolerance`` (a
-    fraction of ``before``). The checks are in that order; the first that fails is the reason."""
+    only when its re-scan reads benign with a margin (score at most ``max_rescan_score``, where 1 is the scan's own
+    threshold), no unmasked probe still collapses it (``survived``, from :func:`survived_unlearning`) and its clean
+    error on the hold-out images rose by at most ``tolerance`` (a fraction of ``before``). The checks are in that
+    order; the first that fails is the reason.
+
+    The margin: unlearning can weaken a backdoor without removing it, and the re-scan then reads benign just below
+    its threshold. Measured on a held-out greyscale LeNet (BadNets; docs/scan.md): AE 1.5 -> 9.7 degrees after
+    mitigation, re-scan score 0.82 (blend probe 0.061 against 0.05); the zoo's removed backdoors re-scanned at
+    0.23-0.40."""
     if rescan_verdict != "benign":
         return "rejected", "backdoor found; the mitigated model still scans as backdoored"
+    if rescan_score is not None and not rescan_score <= max_rescan_score:  # a NaN score fails closed
+        return "rejected", (f"backdoor found; the mitigated model re-scans benign only narrowly (score "
+                            f"{rescan_score:.2f} > {max_rescan_score:g}): unlearning may have weakened the backdoor "
+                            f"without removing it. Retrain the model from clean data, or raise "
+                            f"--mitigate-max-rescan-score to accept that risk")
     if survived:
         return "rejected", f"backdoor found; {survived}"
     if not (after <= before * (1.0 + tolerance) + 1e-9):  # a NaN error fails closed

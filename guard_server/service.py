@@ -36,7 +36,7 @@ from .errors import (
     UnavailableError,
 )
 from .metrics import Metrics
-from .policy import mitigation_refusal, survived_unlearning
+from .policy import mitigation_outcome, mitigation_refusal, survived_unlearning
 from .runtime import LoadedModel, load_session, resolve_providers
 from .settings import ServerSettings
 
@@ -388,6 +388,7 @@ class GuardCore:
                "reference_paths": refs, "task": task, "profile": row.profile, "device": self.device,
                "allow_mitigated": self.settings.allow_mitigated, "tolerance": self.settings.tolerance,
                "mitigate_max_probe_ratio": self.settings.mitigate_max_probe_ratio,
+               "mitigate_max_rescan_score": self.settings.mitigate_max_rescan_score,
                "holdout_fraction": self.settings.holdout_fraction, "out_dir": str(job_dir),
                "threads": self.settings.scan_threads}
         (job_dir / "job.json").write_text(json.dumps(job))
@@ -500,11 +501,14 @@ class GuardCore:
             before, after = float(mitig["clean_error_before"]), float(mitig["clean_error_after"])
             data = Path(mitig["mitigated_path"]).read_bytes()
             # Policy is re-checked here, on the bytes that will be served, not only trusted from the job.
-            ok = (self.settings.allow_mitigated and rescan.get("verdict") == "benign"
+            survived = survived_unlearning(scan_report, rescan.get("unmasked_after"),
+                                           float(rescan.get("unmasked_max_ratio") or 0.01))
+            rescan_score = float((rescan.get("report") or {}).get("score", float("nan")))
+            ok = (self.settings.allow_mitigated
                   and not mitigation_refusal(scan_report, self.settings.mitigate_max_probe_ratio)
-                  and not survived_unlearning(scan_report, rescan.get("unmasked_after"),
-                                              float(rescan.get("unmasked_max_ratio") or 0.01))
-                  and after <= before * (1 + self.settings.tolerance) + 1e-9
+                  and mitigation_outcome(str(rescan.get("verdict")), survived, before, after, self.settings.tolerance,
+                                         rescan_score=rescan_score,
+                                         max_rescan_score=self.settings.mitigate_max_rescan_score)[0] == "mitigated"
                   and hashlib.sha256(data).hexdigest() == mitig.get("mitigated_sha256"))
             if not ok:
                 outcome, reason = "rejected", reason + " (refused by the server's policy check)"

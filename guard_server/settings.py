@@ -53,6 +53,10 @@ class ServerSettings:
     # a probe-decided backdoor is repaired only if its probe collapsed the outputs this far (guard_server.policy):
     # above it, a mitigation can fail while the re-scan reads benign (docs/scan.md); 1.0 = repair every detection
     mitigate_max_probe_ratio: float = 0.01
+    # a mitigated version is served only if its re-scan reads benign with a margin: score at most this (the scan's
+    # score, 1 = its threshold). Measured (docs/scan.md, "A re-scan that reads benign only narrowly"): a held-out
+    # LeNet whose backdoor unlearning only weakened re-scanned at 0.82; the zoo's removed backdoors at 0.23-0.40
+    mitigate_max_rescan_score: float = 0.5
     tolerance: float = 0.10  # allowed relative rise of clean error after mitigation
     holdout_fraction: float = 0.20  # of the benign set, held back from mitigation to measure clean error
     default_profile: str = "default"
@@ -71,6 +75,9 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not 0.0 <= self.mitigate_max_probe_ratio <= 1.0:
             raise ValueError(f"mitigate_max_probe_ratio must be in [0, 1], got {self.mitigate_max_probe_ratio}")
+        if not 0.0 < self.mitigate_max_rescan_score <= 1.0:
+            raise ValueError(f"mitigate_max_rescan_score must be in (0, 1] (1 = the re-scan's own threshold), got "
+                             f"{self.mitigate_max_rescan_score}")
         if not 0.0 <= self.tolerance <= 10.0:
             raise ValueError(f"tolerance must be in [0, 10] (a fraction; 0.1 = 10%), got {self.tolerance}")
         if not 0.05 <= self.holdout_fraction <= 0.5:

@@ -172,7 +172,8 @@ def run_job(job: dict[str, Any]) -> None:
     seconds = time.monotonic() - t1
     emit("rescan_done", report=rdict, verdict=rescan.verdict, perturbation_ratio=_finite(rescan.perturbation_ratio),
          seconds=seconds, unmasked_after=unmasked_after, unmasked_max_ratio=mcfg.unmasked_rigidity_below)
-    outcome, reason = mitigation_outcome(rescan.verdict, survived, before, after, tol)
+    outcome, reason = mitigation_outcome(rescan.verdict, survived, before, after, tol, rescan_score=rescan.score,
+                                         max_rescan_score=float(job.get("mitigate_max_rescan_score", 0.5)))
     emit("result", outcome=outcome, reason=reason)
 
 

@@ -84,3 +84,24 @@ def test_the_rescan_and_the_survival_check_come_before_the_clean_error() -> None
                                {"blend_unmasked": {"variance_ratio": 1e-8, "rigidity": 1.2}}, 0.01) == ""
     assert survived_unlearning({"config": {"rigidity_threshold": 1.7}},
                                {"blend_unmasked": {"variance_ratio": 0.2, "rigidity": 40.0}}, 0.01) == ""
+
+
+def test_a_rescan_that_reads_benign_only_narrowly_is_rejected() -> None:
+    # the held-out greyscale LeNet (docs/scan.md): unlearning weakened its BadNets backdoor (AE 1.5 -> 9.7 degrees)
+    # and the re-scan read benign at score 0.82 (blend probe 0.061 against 0.05), clean error +8.7%
+    outcome, why = mitigation_outcome("benign", "", 4.356, 4.733, 0.10, rescan_score=0.82, max_rescan_score=0.5)
+    assert outcome == "rejected"
+    assert "re-scans benign only narrowly (score 0.82 > 0.5)" in why and "--mitigate-max-rescan-score" in why
+    # the zoo's removed backdoors re-scanned at 0.23-0.40; at the bound the version is served
+    assert mitigation_outcome("benign", "", 4.0, 4.1, 0.10, rescan_score=0.39, max_rescan_score=0.5)[0] == "mitigated"
+    assert mitigation_outcome("benign", "", 4.0, 4.1, 0.10, rescan_score=0.5, max_rescan_score=0.5)[0] == "mitigated"
+    assert mitigation_outcome("benign", "", 4.0, 4.1, 0.10, rescan_score=0.82, max_rescan_score=1.0)[0] == "mitigated"
+    assert mitigation_outcome("benign", "", 4.0, 4.1, 0.10, rescan_score=float("nan"),
+                              max_rescan_score=0.5)[0] == "rejected"  # fails closed
+    # a re-scan that reads backdoored is still the first reason
+    assert "still scans as backdoored" in mitigation_outcome("backdoored", "", 4.0, 4.1, 0.10, rescan_score=1.5,
+                                                            max_rescan_score=0.5)[1]
+    assert ServerSettings().mitigate_max_rescan_score == 0.5
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="mitigate_max_rescan_score"):
+            ServerSettings(mitigate_max_rescan_score=bad)
