@@ -83,7 +83,7 @@ def mitigation_outcome(rescan_verdict: str, survived: str, before: float, after:
     The margin: unlearning can weaken a backdoor without removing it, and the re-scan then reads benign just below
     its threshold. Measured on a held-out greyscale LeNet (BadNets; docs/scan.md): AE 1.5 -> 9.7 degrees after
     mitigation, re-scan score 0.82 (blend probe 0.061 against 0.05); the zoo's removed backdoors re-scanned at
-    0.23-0.40."""
+    0.20-0.40."""
     if rescan_verdict != "benign":
         return "rejected", "backdoor found; the mitigated model still scans as backdoored"
     if rescan_score is not None and not rescan_score <= max_rescan_score:  # a NaN score fails closed

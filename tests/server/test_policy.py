@@ -92,7 +92,7 @@ def test_a_rescan_that_reads_benign_only_narrowly_is_rejected() -> None:
     outcome, why = mitigation_outcome("benign", "", 4.356, 4.733, 0.10, rescan_score=0.82, max_rescan_score=0.5)
     assert outcome == "rejected"
     assert "re-scans benign only narrowly (score 0.82 > 0.5)" in why and "--mitigate-max-rescan-score" in why
-    # the zoo's removed backdoors re-scanned at 0.23-0.40; at the bound the version is served
+    # the zoo's removed backdoors re-scanned at 0.20-0.40; at the bound the version is served
     assert mitigation_outcome("benign", "", 4.0, 4.1, 0.10, rescan_score=0.39, max_rescan_score=0.5)[0] == "mitigated"
     assert mitigation_outcome("benign", "", 4.0, 4.1, 0.10, rescan_score=0.5, max_rescan_score=0.5)[0] == "mitigated"
     assert mitigation_outcome("benign", "", 4.0, 4.1, 0.10, rescan_score=0.82, max_rescan_score=1.0)[0] == "mitigated"
