@@ -63,7 +63,11 @@ def test_grey_non_square_lenet_scans_end_to_end(profile: str, tmp_path) -> None:
     if profile == "default":
         over.update(probe_steps=3, probe_rigidity_steps=2)
     report = scan(model, benign, "gaze", get_profile(profile, "gaze", **over))
-    assert report.verdict in ("benign", "backdoored")
+    # the report's own contract holds on this shape: the verdict follows the score, and the paper's score is
+    # epsilon / ratio
+    assert (report.verdict == "backdoored") == (report.score >= report.score_threshold)
+    if profile == "paper":
+        assert report.score == pytest.approx(0.03 / report.perturbation_ratio, rel=1e-6)
     assert 0 < report.perturbation_ratio < 1 and len(report.estimated_target) == 2
     assert np.isfinite(report.score) and report.steps > 0
     if profile == "default":
