@@ -63,7 +63,7 @@ def main() -> int:
         t_probe = 0.0
         if cfg.probes is not None:
             t0 = time.perf_counter()
-            run_probes(model, images, cfg.probes.replace(steps=a.steps))
+            run_probes(model, images, cfg.probes.replace(steps=a.steps, memory_format=a.memory_format))
             sync()
             t_probe = (time.perf_counter() - t0) / (a.steps * len(cfg.probes.families))
         total = dg.pretrain_steps * t_pre + dg.steps * t_rev

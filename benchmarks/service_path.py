@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parts", type=int, default=1)
     p.add_argument("--only", default="", help="comma-separated <task>/<kind> filters")
     p.add_argument("--max-rescan-score", type=float, default=0.5, help="the server's --mitigate-max-rescan-score")
+    p.add_argument("--cv-folds", type=int, default=5, help="the server's --mitigate-cv-folds (0: one hold-out split)")
+    p.add_argument("--device", default="cpu")
     a = p.parse_args(argv)
     metas = [m for m in sorted(a.zoo.rglob("meta.json")) if json.loads(m.read_text())["backdoored"]]
     for i, meta in enumerate(metas):
@@ -81,13 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         (out / "benign.npz").write_bytes(buf.getvalue())
         job = {"model_path": str(d / "model.onnx"), "benign_path": str(out / "benign.npz"),
                "benign_sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "reference_paths": [], "task": task,
-               "profile": "default", "device": "cpu", "allow_mitigated": True, "tolerance": 0.1,
+               "profile": "default", "device": a.device, "allow_mitigated": True, "tolerance": 0.1,
                "mitigate_max_probe_ratio": 0.01, "mitigate_max_rescan_score": a.max_rescan_score,
-               "holdout_fraction": 0.2, "out_dir": str(out), "threads": 1}
+               "holdout_fraction": 0.2, "cv_folds": a.cv_folds, "out_dir": str(out), "threads": 1}
         ev = run_worker(job, out)
         row: dict[str, Any] = {"model": name, "task": task, "kind": e["kind"]}
         if "scan_done" in ev:
             row["decision"] = ev["scan_done"]["report"]["decision"]
+        if ev.get("mitigation_done", {}).get("report", {}).get("clean_cost"):
+            row["clean_cost"] = ev["mitigation_done"]["report"]["clean_cost"]
         if "result" in ev:
             row["outcome"], row["reason"] = ev["result"].get("outcome"), ev["result"].get("reason", "")
         if "rescan_done" in ev:
@@ -99,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         if (out / "mitigated.onnx").exists():
             xte, yte = make_dataset(task, 500, size=int(e["size"]), seed=int(e.get("data_seed", 0)) + 10_000)
             attack = load_attack(d / "attack.npz")
-            before = evaluate(load_onnx_model(d / "model.onnx"), xte, yte, task, attack=attack)
-            after = evaluate(load_onnx_model(out / "mitigated.onnx"), xte, yte, task, attack=attack)
+            before = evaluate(load_onnx_model(d / "model.onnx"), xte, yte, task, attack=attack, device=a.device)
+            after = evaluate(load_onnx_model(out / "mitigated.onnx"), xte, yte, task, attack=attack, device=a.device)
             row |= {k: [round(before[k], 2), round(after[k], 2)] for k in ("ae", "dae", "re")}
         print(json.dumps(row), flush=True)
     return 0

@@ -296,8 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  + (f", mitigated and admitted as version {out.get('admitted_version')}" if out.get("mitigated") else "")
                  + (f"; reason: {out['reason']}" if out.get("reason") else ""))
             if out.get("clean_error_before") is not None and out.get("clean_error_after") is not None:
-                _say(f"  clean error on the held-back benign images: {out['clean_error_before']:.2f} deg before, "
-                     f"{out['clean_error_after']:.2f} deg after mitigation")
+                _say(f"  clean error on benign images the repair never saw (cross-validated): "
+                     f"{out['clean_error_before']:.2f} deg before, {out['clean_error_after']:.2f} deg after mitigation")
             _say(f"  {MODEL_NAME} now serves version {out.get('version')}")
         _say()
         run_cli(server.address, "models", json_out=False)

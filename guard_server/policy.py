@@ -73,12 +73,14 @@ def mitigation_refusal(report: dict[str, Any], max_probe_ratio: float) -> str:
 
 
 def mitigation_outcome(rescan_verdict: str, survived: str, before: float, after: float, tolerance: float, *,
-                       rescan_score: float | None = None, max_rescan_score: float = 1.0) -> tuple[str, str]:
+                       rescan_score: float | None = None, max_rescan_score: float = 1.0,
+                       cost: dict[str, Any] | None = None) -> tuple[str, str]:
     """The final outcome of a mitigation, ``("mitigated" | "rejected", reason)``: the mitigated version is served
     only when its re-scan reads benign with a margin (score at most ``max_rescan_score``, where 1 is the scan's own
     threshold), no unmasked probe still collapses it (``survived``, from :func:`survived_unlearning`) and its clean
     error on the hold-out images rose by at most ``tolerance`` (a fraction of ``before``). The checks are in that
-    order; the first that fails is the reason.
+    order; the first that fails is the reason. ``cost`` (``drmguard_engine.clean_cost.CleanCost.to_dict()``, where
+    ``before``/``after`` came from cross-validation) only adds its interval and sample to the reason.
 
     The margin: unlearning can weaken a backdoor without removing it, and the re-scan then reads benign just below
     its threshold. Measured on a held-out greyscale LeNet (BadNets; docs/scan.md): AE 1.5 -> 9.7 degrees after
@@ -93,10 +95,19 @@ def mitigation_outcome(rescan_verdict: str, survived: str, before: float, after:
                             f"--mitigate-max-rescan-score to accept that risk")
     if survived:
         return "rejected", f"backdoor found; {survived}"
+    how = _cost_note(before, after, cost)
     if not (after <= before * (1.0 + tolerance) + 1e-9):  # a NaN error fails closed
-        return "rejected", (f"backdoor found; mitigation raised clean error from {before:.3f} to {after:.3f} degrees, "
-                            f"more than the {tolerance:.0%} tolerance")
-    return "mitigated", f"backdoor found and removed; re-scan benign; clean error {before:.3f} -> {after:.3f} degrees"
+        return "rejected", (f"backdoor found; mitigation raised clean error from {before:.3f} to {after:.3f} degrees"
+                            f"{how}, more than the {tolerance:.0%} tolerance")
+    return "mitigated", f"backdoor found and removed; re-scan benign; clean error {before:.3f} -> {after:.3f} degrees{how}"
+
+
+def _cost_note(before: float, after: float, cost: dict[str, Any] | None) -> str:
+    if not cost:
+        return " on the held-back benign images"
+    rise = (after - before) / max(before, 1e-9)
+    return (f" ({rise:+.1%}, 95% interval {float(cost['rise_low']):+.1%} to {float(cost['rise_high']):+.1%}; "
+            f"{int(cost['folds'])}-fold cross-validation over {int(cost['n'])} benign images)")
 
 
 __all__ = ["deciding_probe", "found_triggers", "mitigation_outcome", "mitigation_refusal", "survived_unlearning"]

@@ -389,7 +389,8 @@ class GuardCore:
                "allow_mitigated": self.settings.allow_mitigated, "tolerance": self.settings.tolerance,
                "mitigate_max_probe_ratio": self.settings.mitigate_max_probe_ratio,
                "mitigate_max_rescan_score": self.settings.mitigate_max_rescan_score,
-               "holdout_fraction": self.settings.holdout_fraction, "out_dir": str(job_dir),
+               "holdout_fraction": self.settings.holdout_fraction, "cv_folds": self.settings.mitigate_cv_folds,
+               "out_dir": str(job_dir),
                "threads": self.settings.scan_threads}
         (job_dir / "job.json").write_text(json.dumps(job))
         self.store.set_state(scan_id, st.SCANNING, "scan started")

@@ -58,7 +58,12 @@ class ServerSettings:
     # LeNet whose backdoor unlearning only weakened re-scanned at 0.82; the zoo's removed backdoors at 0.20-0.40
     mitigate_max_rescan_score: float = 0.5
     tolerance: float = 0.10  # allowed relative rise of clean error after mitigation
-    holdout_fraction: float = 0.20  # of the benign set, held back from mitigation to measure clean error
+    # how the clean-error rise of a mitigation is measured: k-fold cross-validation over every benign image (the
+    # model is mitigated k more times, each without one part, and read on it; drmguard_engine.clean_cost), or, with
+    # 0, one split that holds back holdout_fraction of the benign set. Measured on the zoo (docs/scan.md, "The
+    # clean-error check"): the 80 images one split holds back of 400 read +10-13% for repairs that cost 2-7%
+    mitigate_cv_folds: int = 5
+    holdout_fraction: float = 0.20  # with mitigate_cv_folds=0: of the benign set, held back to measure clean error
     default_profile: str = "default"
     providers: tuple[str, ...] = DEFAULT_PROVIDERS
     require_gpu: bool = False  # refuse to serve when no GPU provider is in use
@@ -80,6 +85,8 @@ class ServerSettings:
                              f"{self.mitigate_max_rescan_score}")
         if not 0.0 <= self.tolerance <= 10.0:
             raise ValueError(f"tolerance must be in [0, 10] (a fraction; 0.1 = 10%), got {self.tolerance}")
+        if self.mitigate_cv_folds != 0 and not 2 <= self.mitigate_cv_folds <= 20:
+            raise ValueError(f"mitigate_cv_folds must be 0 (one hold-out split) or 2-20, got {self.mitigate_cv_folds}")
         if not 0.05 <= self.holdout_fraction <= 0.5:
             raise ValueError(f"holdout_fraction must be in [0.05, 0.5], got {self.holdout_fraction}")
         if self.inference_threads < 0:

@@ -93,6 +93,7 @@ def clean_error(model: Any, benign: Any, task: str, device: str) -> float:
 def run_job(job: dict[str, Any]) -> None:
     import torch
 
+    from drmguard_engine.clean_cost import cross_validated_cost
     from drmguard_engine.data import load_benign_npz
     from drmguard_engine.errors import CancelledError
     from drmguard_engine.onnx_io import export_onnx, load_onnx_model
@@ -136,12 +137,20 @@ def run_job(job: dict[str, Any]) -> None:
 
     emit("state", state="MITIGATING")
     t1 = time.monotonic()
-    train_idx, hold_idx = split_holdout(len(benign), float(job["holdout_fraction"]), job["benign_sha256"])
-    train_set, holdout = benign.subset(train_idx), benign.subset(hold_idx)
-    before = clean_error(model, holdout, task, device)
     # where the scan's probe found the trigger only approximately (the operator raised the ratio above), mitigation
     # also fits the probes without the task-region exclusion and unlearns them (engine: MitigationConfig)
     mcfg = mitigation_config(None, report)
+    folds = min(int(job.get("cv_folds", 0)), len(benign))
+    if folds >= 2:
+        # the served model is mitigated on every benign image; its clean-error cost is measured afterwards, by
+        # cross-validation (drmguard_engine.clean_cost), on the submitted model as it was
+        train_set, holdout = benign, None
+        before = after = float("nan")
+        submitted = load_onnx_model(Path(job["model_path"]).read_bytes())
+    else:
+        train_idx, hold_idx = split_holdout(len(benign), float(job["holdout_fraction"]), job["benign_sha256"])
+        train_set, holdout = benign.subset(train_idx), benign.subset(hold_idx)
+        before = clean_error(model, holdout, task, device)
     fixed, mrep = mitigate(model, train_set, task, report=report, config=mcfg, device=device,
                            progress=_progress_cb("mitigate"), cancel=cancel, holdout=holdout)
     out_path = Path(job["out_dir"]) / "mitigated.onnx"
@@ -151,10 +160,8 @@ def run_job(job: dict[str, Any]) -> None:
     data = out_path.read_bytes()
     # Re-scan and measure what will be served: the exported ONNX, loaded back like any upload.
     served = load_onnx_model(data)
-    after = clean_error(served, holdout, task, device)
-    mdict = mrep.to_dict()
-    emit("mitigation_done", report=mdict, clean_error_before=before, clean_error_after=after,
-         mitigated_path=str(out_path), mitigated_sha256=hashlib.sha256(data).hexdigest())
+    if holdout is not None:
+        after = clean_error(served, holdout, task, device)
     emit("state", state="MITIGATING", message="re-scanning the mitigated model")
     rescan = scan(served, benign, task, config=job["profile"], device=device, progress=_progress_cb("rescan"),
                   cancel=cancel, references=refs)
@@ -168,12 +175,22 @@ def run_job(job: dict[str, Any]) -> None:
             served.eval(), train_set.images.to(device), report, mcfg.unmasked_families, when_above=0.0,
             rigidity_below=mcfg.unmasked_rigidity_below, progress=_progress_cb("rescan"), cancel=cancel))
     survived = survived_unlearning(rep, unmasked_after, mcfg.unmasked_rigidity_below)
-    tol = float(job["tolerance"])
-    seconds = time.monotonic() - t1
+    max_rescan = float(job.get("mitigate_max_rescan_score", 0.5))
+    mdict = mrep.to_dict()
+    cost: dict[str, Any] = {}
+    if folds >= 2 and rescan.verdict == "benign" and rescan.score <= max_rescan and not survived:
+        emit("state", state="MITIGATING", message=f"measuring the clean-error cost ({folds}-fold cross-validation)")
+        estimate = cross_validated_cost(submitted, benign, task, report=report, config=mcfg, folds=folds,
+                                        seed=int(job["benign_sha256"][:8], 16), device=device,
+                                        progress=_progress_cb("cost"), cancel=cancel)
+        before, after, cost = estimate.before, estimate.after, estimate.to_dict()
+        mdict["clean_cost"] = cost  # the report's own clean_error_before/after are on the images it was fitted on
+    emit("mitigation_done", report=mdict, clean_error_before=_finite(before), clean_error_after=_finite(after),
+         mitigated_path=str(out_path), mitigated_sha256=hashlib.sha256(data).hexdigest())
     emit("rescan_done", report=rdict, verdict=rescan.verdict, perturbation_ratio=_finite(rescan.perturbation_ratio),
-         seconds=seconds, unmasked_after=unmasked_after, unmasked_max_ratio=mcfg.unmasked_rigidity_below)
-    outcome, reason = mitigation_outcome(rescan.verdict, survived, before, after, tol, rescan_score=rescan.score,
-                                         max_rescan_score=float(job.get("mitigate_max_rescan_score", 0.5)))
+         seconds=time.monotonic() - t1, unmasked_after=unmasked_after, unmasked_max_ratio=mcfg.unmasked_rigidity_below)
+    outcome, reason = mitigation_outcome(rescan.verdict, survived, before, after, float(job["tolerance"]),
+                                         rescan_score=rescan.score, max_rescan_score=max_rescan, cost=cost)
     emit("result", outcome=outcome, reason=reason)
 
 

@@ -71,13 +71,19 @@ def test_scan_wrong_task_and_unknown_profile(files: dict[str, Path]) -> None:
 def test_mitigate_force_writes_a_loadable_model(files: dict[str, Path]) -> None:
     out, rep = files["dir"] / "fixed.onnx", files["dir"] / "m.json"
     r = _run("mitigate", "--model", str(files["model"]), "--benign", str(files["benign"]), "--task", "gaze",
-             "--out", str(out), "--report", str(rep), "--force", "--steps", "5", "--json", *SMALL)
+             "--out", str(out), "--report", str(rep), "--force", "--steps", "5", "--cv-folds", "2", "--json", *SMALL)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["mitigated"] is True and out.is_file()
+    # the cross-validated cost covers the whole benign set, the hold-out figures only the held-back fifth
+    assert res["clean_cost"]["folds"] == 2 and res["clean_cost"]["n"] == 40 and res["holdout_size"] == 8
+    assert json.loads(rep.read_text())["mitigation"]["clean_cost"] == res["clean_cost"]
     import onnxruntime as ort
 
     sess = ort.InferenceSession(out.read_bytes(), providers=["CPUExecutionProvider"])
     assert sess.get_inputs()[0].name == "input"
     y = sess.run(None, {"input": np.random.rand(2, 3, 16, 16).astype(np.float32)})[0]
     assert y.shape == (2, 2)
+    r = _run("mitigate", "--model", str(files["model"]), "--benign", str(files["benign"]), "--task", "gaze",
+             "--out", str(out), "--report", str(rep), "--force", "--steps", "5", "--cv-folds", "1", *SMALL)
+    assert r.returncode == 2 and "folds" in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -67,3 +67,24 @@ def test_mitigation_removes_the_backdoor_and_keeps_clean_error(scanned: dict[str
     assert clean_after < 1.3 * p.backdoored_metrics["re"]
     assert mrep.train_size == len(scanned["train"]) and mrep.holdout_size == len(scanned["hold"])
     assert mrep.targets == "teacher" and mrep.to_dict()["targets"] == "teacher"
+
+
+def test_cross_validated_cost_measures_every_image_on_a_model_that_never_saw_it(scanned: dict[str, Any]) -> None:
+    from drmguard_engine.clean_cost import cross_validated_cost
+    from drmguard_engine.scan import MitigationConfig
+    from drmguard_engine.tasks import per_sample_error
+
+    bd, benign = scanned["bd"], scanned["train"]
+    weights = {k: v.clone() for k, v in bd.state_dict().items()}
+    seen: list[str] = []
+    cost = cross_validated_cost(bd, benign, "gaze", report=scanned["r_bd"], config=MitigationConfig(steps=40),
+                                folds=3, progress=lambda p: seen.append(p.phase))
+    assert all(torch.equal(v, bd.state_dict()[k]) for k, v in weights.items())  # the submitted model is untouched
+    assert cost.n == len(benign) and cost.folds == 3 and len(cost.fold_rises) == 3
+    with torch.no_grad():
+        own = per_sample_error("gaze", bd(benign.images), benign.labels).mean()
+    assert cost.before == pytest.approx(float(own), rel=1e-5)  # "before" is the submitted model on every image
+    assert cost.rise_low <= cost.rise <= cost.rise_high and cost.rise_high - cost.rise_low > 0
+    assert min(cost.fold_rises) <= cost.rise <= max(cost.fold_rises)  # pooled: a weighted mean of the folds
+    assert {"cost 1/3", "cost 2/3", "cost 3/3"} <= set(seen)
+    assert cost.to_dict()["rise"] == pytest.approx(cost.after / cost.before - 1.0)

@@ -236,6 +236,41 @@ def test_channels_last_layout_gives_the_same_reverse_engineering() -> None:
     assert conv.is_contiguous()  # the caller gets its model back in the default layout
 
 
+def test_channels_last_layout_gives_the_same_probes_and_rigidity() -> None:
+    """The probes in the CUDA layout: the same ratios, collapse points and rigidity, and the model given back in the
+    default layout."""
+    from drmguard_engine.defenses.probes import probe_rigidity, run_probes
+    from drmguard_engine.models import build_model
+
+    with pytest.raises(ConfigError):
+        ProbeConfig(memory_format="nhwc")
+    assert get_profile("default", "gaze").probes.memory_format == "contiguous"  # measured: no gain on CUDA
+    assert get_profile("default", "gaze", probe_memory_format="auto").probes.memory_format == "auto"
+    torch.manual_seed(0)
+    model = build_model("tiny", "gaze", input_size=16).eval()
+    images = torch.rand(24, 3, 16, 16)
+    cfg = ProbeConfig(families=("blend", "patch", "warp", "smooth"), steps=8, batch_size=8, saliency_images=8,
+                      rigidity_steps=4)
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    seen: list[bool] = []  # the layout the convolution's weights were in when it ran
+    hook = conv.register_forward_pre_hook(lambda m, _: seen.append(not m.weight.is_contiguous()))
+    runs = {}
+    for fmt in ("contiguous", "channels_last"):
+        seen.clear()
+        runs[fmt] = run_probes(model, images, cfg.replace(memory_format=fmt))
+        assert seen and all(seen) == (fmt == "channels_last") and any(seen) == (fmt == "channels_last")
+    hook.remove()
+    for a, b in zip(runs["contiguous"], runs["channels_last"], strict=True):
+        assert a.family == b.family
+        assert b.variance_ratio == pytest.approx(a.variance_ratio, rel=1e-3, abs=1e-6)
+        assert b.collapse_point == pytest.approx(a.collapse_point, rel=1e-3, abs=1e-4)
+    r = runs["contiguous"][0]
+    rig = {fmt: probe_rigidity(model, images, cfg.replace(memory_format=fmt), r.family, r.collapse_point,
+                               r.transform)["rigidity"] for fmt in ("contiguous", "channels_last")}
+    assert rig["channels_last"] == pytest.approx(rig["contiguous"], rel=1e-3)
+    assert all(p.is_contiguous() for p in model.parameters())  # the caller's layout, restored
+
+
 def test_config_validation_and_profiles() -> None:
     with pytest.raises(ConfigError):
         DRMGuardConfig(epsilon=0.0)

@@ -72,10 +72,13 @@ def test_backdoored_model_is_rejected_when_its_probe_found_the_trigger_only_appr
 
 
 def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(make_server, pair, tmp_path) -> None:
-    # every detection may be repaired here (the fixture's probe ratio is not what this test is about). The default
-    # 10% clean-error tolerance holds for the fixture as the suite trains it (single-threaded torch); a copy trained
-    # with another float summation order lost 21% and was, rightly, REJECTED
-    srv = make_server(data_dir=tmp_path / "on", mitigate_max_probe_ratio=1.0, scan_threads=2)
+    # every detection may be repaired here (the fixture's probe ratio is not what this test is about), and the
+    # tolerance is 30%: the tiny fixture (800 training steps, 200 benign images) pays more clean error for its repair
+    # than the zoo does. Measured 2026-11-26 through the worker: 2-fold cross-validation reads +17% (95% interval
+    # +10% to +25%), each fold repaired on 100 images; the old 40-image hold-out read +9.7%. The 10% default is
+    # tested on the policy itself (test_policy.py)
+    srv = make_server(data_dir=tmp_path / "on", mitigate_max_probe_ratio=1.0, scan_threads=2, mitigate_cv_folds=2,
+                      tolerance=0.3)
     stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))
     bd_bytes = pair.onnx("backdoored")
     r = stub.VetModel(vet_requests("cabin", "1", bd_bytes, pair.benign_npz()))
@@ -92,9 +95,14 @@ def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(make_s
     assert s.verdict == pb.VERDICT_BACKDOORED and s.mitigated and s.admitted_version == "1-mitigated", s.reason
     rescan = json.loads(s.rescan_report_json)
     assert rescan["verdict"] == "benign"
-    assert s.clean_error_after <= 1.10 * s.clean_error_before + 1e-6  # the tolerance was applied
+    assert s.clean_error_after <= 1.30 * s.clean_error_before + 1e-6  # the tolerance was applied
     mit = json.loads(s.mitigation_report_json)
-    assert mit["train_size"] + mit["holdout_size"] == len(pair.benign)
+    # the served model is fitted on every benign image; its cost was measured by 2-fold cross-validation over all of
+    # them, and the reason carries the estimate's interval
+    cost = mit["clean_cost"]
+    assert mit["train_size"] == len(pair.benign) and cost["n"] == len(pair.benign) and cost["folds"] == 2
+    assert (cost["before"], cost["after"]) == pytest.approx((s.clean_error_before, s.clean_error_after))
+    assert "2-fold cross-validation over 200 benign images" in s.reason and "95% interval" in s.reason, s.reason
     # every probe trigger unlearned is recorded with its ratio; probes fitted without the eye-region exclusion join
     # only when the deciding probe found the trigger approximately (ratio above 0.01)
     assert set(mit["probe_triggers"]) <= set(mit["triggers"]) and all(
@@ -142,7 +150,8 @@ def test_a_backdoor_that_survives_unlearning_is_rejected_after_mitigation(make_s
     with torch.no_grad():
         assert regression_error("gaze", gated(x), pair.test.labels) < 1.05 * pair.backdoored_metrics["re"]
         assert regression_error("gaze", gated(gated.trigger(x)), gated.head(gated.switched[None])) < 0.1
-    srv = make_server(data_dir=tmp_path / "gate", mitigate_max_probe_ratio=1.0, scan_threads=2)
+    # (mitigate_cv_folds=0: the old single hold-out split, so that path runs in the suite too)
+    srv = make_server(data_dir=tmp_path / "gate", mitigate_max_probe_ratio=1.0, scan_threads=2, mitigate_cv_folds=0)
     stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))
     r = stub.VetModel(vet_requests("cabin", "1", export_onnx(gated, None, input_shape=(3, 64, 64)),
                                    pair.benign_npz()))

@@ -54,7 +54,8 @@ def test_a_mitigation_that_costs_more_clean_error_than_the_tolerance_is_rejected
     # 4.043 to 4.903 degrees (+21%), over the default 10%
     outcome, why = mitigation_outcome("benign", "", 4.043, 4.903, 0.10)
     assert outcome == "rejected"
-    assert "raised clean error from 4.043 to 4.903 degrees, more than the 10% tolerance" in why
+    assert "raised clean error from 4.043 to 4.903 degrees on the held-back benign images, more than the 10% " \
+           "tolerance" in why
     assert mitigation_outcome("benign", "", 4.043, 4.903, 0.25)[0] == "mitigated"  # an operator's wider tolerance
     # at the bound exactly, and below it, the version is served; lower error after unlearning is fine too
     assert mitigation_outcome("benign", "", 4.0, 4.4, 0.10)[0] == "mitigated"
@@ -105,3 +106,24 @@ def test_a_rescan_that_reads_benign_only_narrowly_is_rejected() -> None:
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="mitigate_max_rescan_score"):
             ServerSettings(mitigate_max_rescan_score=bad)
+
+
+def test_a_cross_validated_cost_is_judged_like_a_hold_out_one_and_says_how_it_was_measured() -> None:
+    cost = {"before": 4.0, "after": 4.2, "n": 400, "folds": 5, "rise_low": 0.01, "rise_high": 0.09}
+    outcome, why = mitigation_outcome("benign", "", 4.0, 4.2, 0.10, rescan_score=0.3, max_rescan_score=0.5, cost=cost)
+    assert outcome == "mitigated"
+    assert "clean error 4.000 -> 4.200 degrees (+5.0%, 95% interval +1.0% to +9.0%; 5-fold cross-validation over " \
+           "400 benign images)" in why
+    outcome, why = mitigation_outcome("benign", "", 4.0, 4.6, 0.10, cost=cost | {"after": 4.6})
+    assert outcome == "rejected" and "(+15.0%" in why and "more than the 10% tolerance" in why
+    # a hold-out figure says so, and a NaN (a cost that was never measured) fails closed
+    assert "on the held-back benign images" in mitigation_outcome("benign", "", 4.0, 4.2, 0.10)[1]
+    assert mitigation_outcome("benign", "", float("nan"), float("nan"), 0.10, cost=cost)[0] == "rejected"
+
+
+def test_cross_validation_folds_are_validated() -> None:
+    assert ServerSettings().mitigate_cv_folds == 5
+    assert ServerSettings(mitigate_cv_folds=0).mitigate_cv_folds == 0  # the single hold-out split
+    for bad in (1, -1, 21):
+        with pytest.raises(ValueError, match="mitigate_cv_folds"):
+            ServerSettings(mitigate_cv_folds=bad)
