@@ -78,14 +78,16 @@ def mitigation_outcome(rescan_verdict: str, survived: str, before: float, after:
     """The final outcome of a mitigation, ``("mitigated" | "rejected", reason)``: the mitigated version is served
     only when its re-scan reads benign with a margin (score at most ``max_rescan_score``, where 1 is the scan's own
     threshold), no unmasked probe still collapses it (``survived``, from :func:`survived_unlearning`) and its clean
-    error on the hold-out images rose by at most ``tolerance`` (a fraction of ``before``). The checks are in that
-    order; the first that fails is the reason. ``cost`` (``drmguard_engine.clean_cost.CleanCost.to_dict()``, where
-    ``before``/``after`` came from cross-validation) only adds its interval and sample to the reason.
+    error (cross-validated, or on the hold-out images) rose by at most ``tolerance`` (a fraction of ``before``).
+    The checks are in that order; the first that fails is the reason. ``cost``
+    (``drmguard_engine.clean_cost.CleanCost.to_dict()``, where ``before``/``after`` came from cross-validation) only
+    adds its interval and sample to the reason.
 
     The margin: unlearning can weaken a backdoor without removing it, and the re-scan then reads benign just below
     its threshold. Measured on a held-out greyscale LeNet (BadNets; docs/scan.md): AE 1.5 -> 9.7 degrees after
-    mitigation, re-scan score 0.82 (blend probe 0.061 against 0.05); the zoo's removed backdoors re-scanned at
-    0.20-0.40."""
+    mitigation, re-scan score 0.82 (blend probe 0.061 against 0.05). Over 30 measured models (two zoos, CPU and
+    H200), repairs that moved the trigger off its target re-scanned at 0.195-0.502, those that left it working at
+    0.69-0.82."""
     if rescan_verdict != "benign":
         return "rejected", "backdoor found; the mitigated model still scans as backdoored"
     if rescan_score is not None and not rescan_score <= max_rescan_score:  # a NaN score fails closed
@@ -99,7 +101,8 @@ def mitigation_outcome(rescan_verdict: str, survived: str, before: float, after:
     if not (after <= before * (1.0 + tolerance) + 1e-9):  # a NaN error fails closed
         return "rejected", (f"backdoor found; mitigation raised clean error from {before:.3f} to {after:.3f} degrees"
                             f"{how}, more than the {tolerance:.0%} tolerance")
-    return "mitigated", f"backdoor found and removed; re-scan benign; clean error {before:.3f} -> {after:.3f} degrees{how}"
+    return "mitigated", (f"backdoor found and removed; re-scan benign; clean error {before:.3f} -> {after:.3f} "
+                         f"degrees{how}")
 
 
 def _cost_note(before: float, after: float, cost: dict[str, Any] | None) -> str:

@@ -55,7 +55,8 @@ class ServerSettings:
     mitigate_max_probe_ratio: float = 0.01
     # a mitigated version is served only if its re-scan reads benign with a margin: score at most this (the scan's
     # score, 1 = its threshold). Measured (docs/scan.md, "A re-scan that reads benign only narrowly"): a held-out
-    # LeNet whose backdoor unlearning only weakened re-scanned at 0.82; the zoo's removed backdoors at 0.20-0.40
+    # LeNet whose backdoor unlearning only weakened re-scanned at 0.82; over 30 models, removed backdoors at
+    # 0.195-0.502, surviving ones at 0.69-0.82
     mitigate_max_rescan_score: float = 0.5
     tolerance: float = 0.10  # allowed relative rise of clean error after mitigation
     # how the clean-error rise of a mitigation is measured: k-fold cross-validation over every benign image (the

@@ -44,7 +44,8 @@ class ScanInfo:
         report: the engine's scan report (``ScanReport.to_dict()``), empty until decided.
         mitigation: the mitigation report, empty unless mitigation ran.
         rescan: the re-scan of the mitigated model, empty unless it ran.
-        clean_error_before / clean_error_after: degrees on the held-back 20% of the benign set
+        clean_error_before / clean_error_after: degrees, cross-validated over the benign set (the server's
+            --mitigate-cv-folds; with 0, on the held-back --holdout-fraction of it)
             (mitigation only).
         reused_from: the scan whose verdict this record reuses (identical bytes), or None.
     """
