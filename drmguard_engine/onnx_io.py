@@ -616,17 +616,12 @@ def load_onnx_model(
     example = torch.rand(DRY_BATCH, c, h, w, generator=gen)
     graph_example = example.permute(0, 2, 3, 1).contiguous() if layout == "NHWC" else example
     batch_dim = _dims(inp.type)[0]  # type: ignore[index]
+    fixed_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
     try:
-        interp = interpret(graph, inp.name, graph_example, opset)
+        interp = interpret(graph, inp.name, graph_example, opset, fixed_batch=fixed_batch)
         a_name, head, trans_a = _find_head(interp, output_name)
     except UnsupportedModelError as e:
-        if isinstance(batch_dim, int):
-            # A fixed-batch export often bakes the batch into Reshape targets; say so, it is the usual cause.
-            raise UnsupportedModelError(
-                f"{e} (the input has a fixed batch size of {batch_dim}: re-export with a dynamic batch axis, "
-                "e.g. dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}})"
-            ) from None
-        raise
+        raise _fixed_batch_hint(e, fixed_batch) from None
     # F keeps only the steps the head's input depends on (dead branches and the head itself drop out).
     needed: set[str] = set()
     stack = [a_name]
@@ -650,19 +645,39 @@ def load_onnx_model(
         input_layout=layout,
     )
     imported.eval()
-    _self_check(imported, interp.values[output_name].example, example)  # type: ignore[union-attr]
+    try:
+        _self_check(imported, interp.values[output_name].example, example,  # type: ignore[union-attr]
+                    fixed_batch if fixed_batch else 1)
+    except UnsupportedModelError as e:
+        raise _fixed_batch_hint(e, fixed_batch) from None
     return imported
 
 
-def _self_check(model: ImportedModel, expected: torch.Tensor, example: torch.Tensor) -> None:
-    """Checks F/H reproduce the dry run, and that samples of a batch do not mix (batch on axis 0)."""
+def _fixed_batch_hint(e: UnsupportedModelError, fixed_batch: int | None) -> UnsupportedModelError:
+    """A fixed-batch export bakes its batch into constants; when one was not read as the batch, say so."""
+    if not fixed_batch:
+        return e
+    return UnsupportedModelError(
+        f"{e} (the input has a fixed batch size of {fixed_batch}, and the graph could not be made to run "
+        "at other batch sizes: re-export with a dynamic batch axis, "
+        "e.g. dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}})"
+    )
+
+
+def _self_check(
+    model: ImportedModel, expected: torch.Tensor, example: torch.Tensor, fixed_batch: int = 1
+) -> None:
+    """Checks F/H reproduce the dry run, and that samples of a batch do not mix (batch on axis 0).
+
+    For a graph whose file fixes the batch size, every chunk of that size must give what the graph itself
+    gives at that size (there the batch-symbolic rewrite of its constants is the identity)."""
     gen = torch.Generator().manual_seed(1)
-    x3 = torch.rand(3, *model.input_shape, generator=gen)
+    x3 = torch.rand(3 * fixed_batch, *model.input_shape, generator=gen)
     try:
         with torch.no_grad():
             y = model(example)
             y3 = model(x3)
-            y1 = model(x3[:1])
+            y1 = torch.cat([model(x3[i:i + fixed_batch]) for i in range(0, len(x3), fixed_batch)])
     except RuntimeError as e:
         raise UnsupportedModelError(
             f"the imported graph does not run at other batch sizes (the batch must stay on axis 0): {e}"
@@ -670,7 +685,7 @@ def _self_check(model: ImportedModel, expected: torch.Tensor, example: torch.Ten
     scale = 1.0 + float(expected.abs().max())
     if y.shape != expected.shape or not torch.allclose(y, expected, atol=1e-4 * scale, rtol=1e-4):
         raise UnsupportedModelError("the graph after the final linear layer changes its values")
-    if y3.shape != (3, model.output_dim) or not torch.allclose(y3[:1], y1, atol=1e-4 * scale, rtol=1e-3):
+    if y3.shape != (len(x3), model.output_dim) or not torch.allclose(y3, y1, atol=1e-4 * scale, rtol=1e-3):
         raise UnsupportedModelError(
             "the imported graph mixes samples of a batch "
             "(the batch must stay on axis 0, and no op may reduce over it)"

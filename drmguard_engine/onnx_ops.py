@@ -157,11 +157,16 @@ def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
 class Ctx:
     """What an op preparer sees: the node, its attributes, its input values, and binding helpers."""
 
-    def __init__(self, node: onnx.NodeProto, ins: list[Value | None], opset: int) -> None:
+    def __init__(self, node: onnx.NodeProto, ins: list[Value | None], opset: int,
+                 fixed_batch: int | None = None) -> None:
         self.node = node
         self.attrs = _attrs(node)
         self.ins = ins
         self.opset = opset
+        #: the graph input's batch size when the file fixes it (an export without a dynamic batch axis); its
+        #: constants may then hold that size where a dynamic export computes the batch (Reshape targets, class
+        #: tokens), and the preparers read those entries as the batch
+        self.fixed_batch = fixed_batch
         # slot -> (trainable, tensor): constants the step keeps for run time.
         self.kept: dict[int, tuple[bool, torch.Tensor]] = {}
 
@@ -639,6 +644,50 @@ def prep_flatten(ctx: Ctx) -> Fn:
     return lambda step, a: a[0].flatten(axis).flatten(0, axis - 1)
 
 
+def _fixed_batch_axis(fb: int, k: int, in_shape: list[int], b: int, target: list[int]) -> list[Any] | None:
+    """A fixed-batch export's Reshape target with the batch made symbolic, or ``None`` when none fits.
+
+    Such an export bakes its batch size ``fb`` into the target where a dynamic export computes it ([1, -1]
+    for a flatten, [L, 1 * heads, d] in attention). The input holds ``k`` x the batch on axis ``b``; in
+    memory that is the block from ``outer`` = prod(in[:b]) to ``outer * fb * k`` in cumulative products. The
+    target, resolved at batch ``fb``, gets the batch on the output axis that holds that block, tried in this
+    order:
+
+    * an axis of its own (size ``fb``) inside the block: a flatten, or (L * N, E) -> (L, N, E);
+    * the end of an axis that starts at or before the block, when the axes after the batch are kept or merged:
+      (L, N, E) -> (L * N, E);
+    * the start of an axis, when the axis after the batch is split: (L, N, E) -> (L, N * heads, E / heads).
+
+    With ``fb`` = 1 several readings fit the shapes; the self-check of the import refuses a wrong one.
+    """
+    at_fixed = [*in_shape[:b], fb * k, *in_shape[b + 1:]]
+    try:
+        out = list(torch.empty(at_fixed, device="meta").reshape(target).shape)
+    except RuntimeError:
+        return None
+    outer = math.prod(at_fixed[:b])
+    hi = outer * fb * k
+    cum = [math.prod(out[:j]) for j in range(len(out) + 1)]
+
+    def with_batch(j: int, kk: int) -> list[Any]:
+        return [*out[:j], _Batch(kk), *out[j + 1:]]
+
+    for j, d in enumerate(out):
+        if d == fb and cum[j] % outer == 0 and k % (cum[j] // outer) == 0:
+            return with_batch(j, 1)
+    # sizes the axes after the batch take when they are kept or merged, not split
+    merged = {math.prod(in_shape[b + 1:b + 1 + m]) for m in range(1, len(in_shape) - b)}
+    for j, d in enumerate(out):
+        split_after = j + 1 < len(out) and out[j + 1] not in merged
+        if cum[j + 1] == hi and outer % cum[j] == 0 and d % fb == 0 and not split_after:
+            return with_batch(j, d // fb)
+    for j, d in enumerate(out):
+        kk = d // fb
+        if cum[j] == outer and d % fb == 0 and kk and (kk % k == 0 or k % kk == 0):
+            return with_batch(j, kk)
+    return None
+
+
 def _reshape_target(ctx: Ctx) -> list[int]:
     """The Reshape target as torch.reshape arguments, batch-independent where the batch is symbolic."""
     in_shape = ctx.shape(0)
@@ -660,6 +709,12 @@ def _reshape_target(ctx: Ctx) -> list[int]:
         else:
             resolved.append(t)
     n_batch = sum(1 for t in resolved if is_batch(t))
+    b = ctx.batch_axis(0)
+    if n_batch == 0 and ctx.fixed_batch and b is not None and ctx.ins[0].batch_k:  # type: ignore[union-attr]
+        found = _fixed_batch_axis(ctx.fixed_batch, ctx.ins[0].batch_k, list(in_shape), b,  # type: ignore[union-attr]
+                                  [int(t) for t in resolved])
+        if found is not None:
+            resolved, n_batch = found, 1
     if n_batch == 0:
         return [int(t) for t in resolved]
     if n_batch > 1:
@@ -737,7 +792,30 @@ def prep_concat(ctx: Ctx) -> Fn:
     for i in range(len(ctx.ins)):
         ctx.keep(i, trainable=False)
     n = len(ctx.ins)
-    return lambda step, a: torch.cat([a[i] for i in range(n) if a[i] is not None], axis)
+    dyn = [i for i, v in enumerate(ctx.ins)
+           if isinstance(v, Dyn) and v.batch_axis is not None and v.batch_k == 1]
+    b = ctx.batch_axis(dyn[0]) if dyn else None
+    grow: set[int] = set()
+    fb = ctx.fixed_batch
+    if fb and b is not None and b != axis:
+        # a fixed-batch export folds `token.expand(batch, ...)` into a constant holding the batch size on the
+        # batch axis, every slice the same: it is expanded to the batch at run time
+        for i, v in enumerate(ctx.ins):
+            if isinstance(v, Const) and not isinstance(v.value, SymInts) and v.value.dim() == rank \
+                    and v.value.shape[b] == fb:
+                first = v.value.narrow(b, 0, 1)
+                if torch.equal(v.value, first.expand_as(v.value)):
+                    grow.add(i)
+                    ctx.kept[i] = (False, first)
+    if not grow:
+        return lambda step, a: torch.cat([a[i] for i in range(n) if a[i] is not None], axis)
+    ref = dyn[0]
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        size = [a[ref].shape[b] if j == b else -1 for j in range(rank)]
+        parts = [a[i].expand(size) if i in grow else a[i] for i in range(n) if a[i] is not None]
+        return torch.cat(parts, axis)
+    return fn
 
 
 def prep_gather(ctx: Ctx) -> Fn:
@@ -1301,7 +1379,8 @@ def step_fail(step: Step, what: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"{step.op_type} node computing {step.output!r}: {what}")
 
 
-def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, opset: int) -> Interpreted:
+def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, opset: int,
+              fixed_batch: int | None = None) -> Interpreted:
     """Reads every node of ``graph`` once: folds constants and builds a :class:`Step` for the rest.
 
     Args:
@@ -1309,6 +1388,9 @@ def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, op
         input_name: the graph input fed with ``example``.
         example: the dry-run input, (DRY_BATCH, C, H, W) float32.
         opset: the default-domain opset the graph was written for.
+        fixed_batch: the batch size the graph's input declares, when it declares one; constants that hold it
+            where a dynamic export would compute the batch (a flatten's Reshape target, a batch-1 class token)
+            are read as the batch, so the module runs at every batch size.
 
     Raises:
         UnsupportedModelError: a node uses an unsupported form of its op, or the dry run fails.
@@ -1367,7 +1449,7 @@ def interpret(graph: onnx.GraphProto, input_name: str, example: torch.Tensor, op
             if name not in values:
                 raise _fail(node, f"input {name!r} is not produced by any earlier node")
             ins.append(values[name])
-        ctx = Ctx(node, ins, opset)
+        ctx = Ctx(node, ins, opset, fixed_batch)
         op = node.op_type
         outs = [o for o in node.output if o]
         if not outs:

@@ -72,8 +72,26 @@ class LoadedModel:
 
         return input_layout(self.inputs[0].shape) == "NHWC"
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The batch size the graph fixes (an export without a dynamic batch axis), else ``None``."""
+        d = self.inputs[0].shape[0] if self.inputs and self.inputs[0].shape else -1
+        return d if d > 0 else None
+
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.session.run(None, feeds)
+        """Runs the session. A graph with a fixed batch size takes any multiple of it, in chunks of it."""
+        fb = self.fixed_batch
+        n = next(iter(feeds.values())).shape[0] if len(feeds) == 1 else fb
+        if fb is None or n == fb:
+            return self.session.run(None, feeds)
+        if not n or n % fb:
+            from .errors import InvalidRequestError
+
+            raise InvalidRequestError(f"this model's graph fixes its batch size at {fb}; send a multiple of "
+                                      f"{fb} images, not {n}")
+        ((name, x),) = feeds.items()
+        parts = [self.session.run(None, {name: x[i:i + fb]}) for i in range(0, n, fb)]
+        return [np.concatenate([p[j] for p in parts]) for j in range(len(parts[0]))]
 
 
 _GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")

@@ -358,14 +358,34 @@ def test_fixed_batch_torch_export_still_imports_for_any_batch(tmp_path: Path, zo
         assert (imported(x) - model(x)).abs().max().item() < ATOL
 
 
-def test_fixed_batch_export_gets_a_hint():
+def test_fixed_batch_flatten_target_is_read_as_the_batch():
+    # A fixed-batch export bakes its batch of one into the flatten's target ([1, -1]), read as the batch.
     rng = np.random.default_rng(12)
     inits = _conv_gap_inits(rng) | {"W": rng.standard_normal((2, 4)).astype(np.float32)}
-    inits["shape"] = np.array([1, -1], dtype=np.int64)  # the batch of one baked into the flatten
+    inits["shape"] = np.array([1, -1], dtype=np.int64)
     nodes = _features_nodes() + [helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
     model = _graph_model(nodes, inits, in_shape=(1, 3, 8, 8))
+    imported = load_onnx_model(model.SerializeToString())
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    want = np.concatenate([_ort(model.SerializeToString(), x[i:i + 1]) for i in range(5)])
+    with torch.no_grad():
+        assert np.abs(imported(x).numpy() - want).max() < ATOL
+    _check_against_ort(onnx.load_model_from_string(export_onnx(imported)), imported, n=5)
+
+
+def test_fixed_batch_export_that_cannot_be_read_gets_a_hint():
+    # (1, 4) -> (4, 1) -> (1, 4): no reading of the baked 1 keeps the samples apart
+    rng = np.random.default_rng(12)
+    inits = _conv_gap_inits(rng) | {"W": rng.standard_normal((2, 4)).astype(np.float32),
+                                    "col": np.array([4, 1], dtype=np.int64)}
+    nodes = _features_nodes() + [
+        helper.make_node("Reshape", ["f", "col"], ["fc"]),
+        helper.make_node("Transpose", ["fc"], ["ft"], perm=[1, 0]),
+        helper.make_node("Gemm", ["ft", "W"], ["y"], transB=1),
+    ]
+    model = _graph_model(nodes, inits, in_shape=(1, 3, 8, 8))
     with pytest.raises(
-        UnsupportedModelError, match="fixed batch size of 1: re-export with a dynamic batch axis"
+        UnsupportedModelError, match="fixed batch size of 1, .* re-export with a dynamic batch axis"
     ):
         load_onnx_model(model.SerializeToString())
 
@@ -1061,3 +1081,50 @@ def test_constant_scaling_after_the_head_is_folded_into_it():
     ]
     with pytest.raises(UnsupportedModelError, match="found Div after it"):
         load_onnx_model(_graph_model(recip, inits).SerializeToString())
+
+
+class _ViewNet(nn.Module):
+    """Flattens with ``view(x.shape[0], -1)``: a fixed-batch export folds the batch into the target."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, 2, 1), nn.Linear(4 * (SIZE // 2) ** 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        return self.fc(y.view(y.shape[0], -1))
+
+
+@pytest.mark.parametrize("net", [_ViewNet, _TokenNet, _QKVNet], ids=["view_flatten", "torch_attention",
+                                                                    "handwritten_attention"])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_fixed_batch_exports_import_for_every_batch_size(dynamo: bool, batch: int, net: type[nn.Module]):
+    """An export without a dynamic batch axis (torch's default) bakes its batch size into Reshape targets and
+    the class token; the import reads them as the batch, and matches ONNX Runtime run at the file's batch."""
+    import io
+    import warnings
+
+    if dynamo:
+        pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (dev extra)")
+    torch.manual_seed(0)
+    model = net().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            data = torch.onnx.export(model, (_x(batch),), dynamo=True, input_names=["input"],
+                                     output_names=["output"], verbose=False).model_proto.SerializeToString()
+        else:
+            buf = io.BytesIO()
+            torch.onnx.export(model, (_x(batch),), buf, input_names=["input"], output_names=["output"],
+                              opset_version=17, dynamo=False)
+            data = buf.getvalue()
+    assert onnx.load_model_from_string(data).graph.input[0].type.tensor_type.shape.dim[0].dim_value == batch
+    imported = load_onnx_model(data)
+    x = _x(6)
+    want = np.concatenate([_ort(data, x[i:i + batch]) for i in range(0, 6, batch)])
+    with torch.no_grad():
+        assert np.abs(imported(x).numpy() - want).max() < ATOL
+        assert np.abs(imported(x[:1]).numpy() - want[:1]).max() < ATOL
+    again = export_onnx(imported)  # the mitigation's re-export has a dynamic batch axis
+    assert np.abs(_ort(again, x) - want).max() < ATOL

@@ -222,3 +222,37 @@ def test_channels_last_model_is_vetted_and_served_in_either_layout(server, stub,
     np.testing.assert_allclose(predict(stub, "cabin-nhwc", x), bare, atol=1e-4)
     wrong = np.zeros((2, 3, SIZE, SIZE + 1), np.float32)
     assert status_code(predict, stub, "cabin-nhwc", wrong) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_fixed_batch_model_is_vetted_and_served_at_any_multiple_of_its_batch(server, stub, gaze_benign):
+    """torch's default export fixes the batch (here 2) and bakes it into the flatten's Reshape: the scan
+    reads it as the batch, and Predict runs a multiple of it in chunks; another batch is refused with how."""
+    import io
+
+    import torch
+
+    from drmguard_engine.models import build_model
+
+    class ViewFlatten(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build_model("tiny", "gaze", input_size=SIZE, seed=4).eval()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            f = self.net.features(x)
+            return self.net.head(f.view(f.shape[0], -1))
+
+    buf = io.BytesIO()
+    torch.onnx.export(ViewFlatten(), (torch.rand(2, 3, SIZE, SIZE),), buf, input_names=["input"],
+                      output_names=["output"], opset_version=17, dynamo=False)  # no dynamic axes
+    data = buf.getvalue()
+    s = wait_final(stub, stub.VetModel(vet_requests("cabin-fixed", "1", data, gaze_benign)).scan_id)
+    assert s.state == pb.STATE_ADMITTED, s.reason
+    x = _images(6)
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    bare = np.concatenate([sess.run(None, {"input": x[i:i + 2]})[0] for i in range(0, 6, 2)])
+    np.testing.assert_allclose(predict(stub, "cabin-fixed", x), bare, atol=1e-4)
+    with pytest.raises(grpc.RpcError) as err:
+        predict(stub, "cabin-fixed", x[:3])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "multiple of 2" in err.value.details()
