@@ -42,7 +42,7 @@ MIN_OPSET = 9
 MIN_EXPORT_OPSET = 17
 
 _STANDARD_DOMAINS = ("", "ai.onnx", "ai.onnx.ml")
-_TAIL_OPS = ("Identity", "Reshape", "Flatten", "Dropout", "Cast")
+_TAIL_OPS = ("Identity", "Reshape", "Flatten", "Squeeze", "Dropout", "Cast")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -353,6 +353,7 @@ class ImportedModel(nn.Module):
         head: nn.Linear,
         *,
         transpose_features: bool,
+        flatten_features: bool = False,
         input_name: str,
         output_name: str,
         input_shape: tuple[int, int, int],
@@ -367,6 +368,7 @@ class ImportedModel(nn.Module):
         self.body = body
         self.head = head
         self.transpose_features = bool(transpose_features)
+        self.flatten_features = bool(flatten_features)
         self.input_name = input_name
         self.output_name = output_name
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -386,7 +388,10 @@ class ImportedModel(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """F: (N,C,H,W) images in [0,1] -> (N,m) penultimate features."""
         f = self.body(x.permute(0, 2, 3, 1) if self.input_layout == "NHWC" else x)
-        # Gemm with transA=1 multiplies an (m,N) matrix; F is defined as its (N,m) transpose.
+        # Gemm with transA=1 multiplies an (m,N) matrix; F is defined as its (N,m) transpose. A 1x1 Conv head
+        # reads (N,m,1,1) pooled features.
+        if self.flatten_features:
+            return f.flatten(1)
         return f.t() if self.transpose_features else f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -424,7 +429,8 @@ def _read_source(source: str | os.PathLike[str] | bytes | bytearray | memoryview
     raise UnsupportedModelError(f"expected a path or the ONNX file's bytes, got {type(source).__name__}")
 
 
-_LINEAR_MSG = "the model must end in one linear layer (Gemm, or MatMul+Add) producing the outputs"
+_LINEAR_MSG = ("the model must end in one linear layer (Gemm, MatMul+Add, or a 1x1 Conv on pooled features) "
+               "producing the outputs")
 
 
 def _dyn_input(interp: Interpreted, node: onnx.NodeProto) -> str | None:
@@ -502,8 +508,11 @@ def _bias(c: torch.Tensor | None, d: int, scale: float, where: str) -> torch.Ten
     return (c.reshape(-1) * scale).expand(d).clone()
 
 
-def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, bool]:
-    """Walks back from the output to the final linear layer: (its input name, H, transA)."""
+def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, str]:
+    """Walks back from the output to the final linear layer: (its input name, H, how F reads that input).
+
+    The last is "" for an (N,m) input, "transpose" for Gemm's transA=1 (an (m,N) input) and "flatten" for a
+    1x1 Conv on (N,m,1,1) pooled features (a convolutional classifier)."""
     values, producers = interp.values, interp.producers
     name = output_name
     if not isinstance(values.get(name), Dyn):
@@ -562,7 +571,8 @@ def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, b
             if len(node.input) > 2 and node.input[2] and c is None:
                 raise UnsupportedModelError(f"{_LINEAR_MSG}; the Gemm bias must be a constant")
             check_a(node.input[0], ta)
-            return node.input[0], linear(weight, _bias(c, weight.shape[0], beta, "the Gemm")), ta
+            return node.input[0], linear(weight, _bias(c, weight.shape[0], beta, "the Gemm")), \
+                "transpose" if ta else ""
     # MatMul + Add: the Add (a constant bias) was folded on the way back, like any constant op after H
     matmul = node if node.op_type == "MatMul" else None
     if matmul is not None and isinstance(values.get(matmul.input[0]), Dyn):
@@ -570,7 +580,20 @@ def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, b
         if b is not None and b.dim() == 2:
             check_a(matmul.input[0], False)
             weight = b.t()
-            return matmul.input[0], linear(weight, torch.zeros(weight.shape[0])), False
+            return matmul.input[0], linear(weight, torch.zeros(weight.shape[0])), ""
+    # A convolutional classifier: a 1x1 Conv over (N,m,1,1) pooled features is a linear layer on them.
+    if node.op_type == "Conv" and isinstance(values.get(node.input[0]), Dyn):
+        w = _const(interp, node.input[1])
+        a_shape = tuple(values[node.input[0]].example.shape)  # type: ignore[union-attr]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if (w is not None and w.dim() == 4 and tuple(w.shape[2:]) == (1, 1)
+                and int(attrs.get("group", 1)) == 1
+                and not any(attrs.get("pads", [])) and a_shape == (DRY_BATCH, w.shape[1], 1, 1)):
+            c = _const(interp, node.input[2]) if len(node.input) > 2 else None
+            if len(node.input) > 2 and node.input[2] and c is None:
+                raise UnsupportedModelError(f"{_LINEAR_MSG}; the Conv bias must be a constant")
+            weight = w.reshape(w.shape[0], w.shape[1])
+            return node.input[0], linear(weight, _bias(c, weight.shape[0], 1.0, "the Conv")), "flatten"
 
     # Not a linear layer: say what stands between the last linear layer and the output.
     after = [node.op_type]
@@ -619,9 +642,9 @@ def load_onnx_model(
     fixed_batch = batch_dim if isinstance(batch_dim, int) and batch_dim > 0 else None
     try:
         interp = interpret(graph, inp.name, graph_example, opset, fixed_batch=fixed_batch)
-        a_name, head, trans_a = _find_head(interp, output_name)
     except UnsupportedModelError as e:
         raise _fixed_batch_hint(e, fixed_batch) from None
+    a_name, head, feature_form = _find_head(interp, output_name)
     # F keeps only the steps the head's input depends on (dead branches and the head itself drop out).
     needed: set[str] = set()
     stack = [a_name]
@@ -636,7 +659,8 @@ def load_onnx_model(
     imported = ImportedModel(
         body,
         head,
-        transpose_features=trans_a,
+        transpose_features=feature_form == "transpose",
+        flatten_features=feature_form == "flatten",
         input_name=inp.name,
         output_name=output_name,
         input_shape=(c, h, w),
@@ -654,12 +678,13 @@ def load_onnx_model(
 
 
 def _fixed_batch_hint(e: UnsupportedModelError, fixed_batch: int | None) -> UnsupportedModelError:
-    """A fixed-batch export bakes its batch into constants; when one was not read as the batch, say so."""
+    """A fixed-batch export bakes its batch into constants; a failed dry run may come from one not read as the
+    batch, so say what to try."""
     if not fixed_batch:
         return e
     return UnsupportedModelError(
-        f"{e} (the input has a fixed batch size of {fixed_batch}, and the graph could not be made to run "
-        "at other batch sizes: re-export with a dynamic batch axis, "
+        f"{e} (the input has a fixed batch size of {fixed_batch}; if this comes from that size baked into "
+        "the graph, re-export with a dynamic batch axis, "
         "e.g. dynamic_axes={'input': {0: 'batch'}, 'output': {0: 'batch'}})"
     )
 

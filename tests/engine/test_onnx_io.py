@@ -385,7 +385,7 @@ def test_fixed_batch_export_that_cannot_be_read_gets_a_hint():
     ]
     model = _graph_model(nodes, inits, in_shape=(1, 3, 8, 8))
     with pytest.raises(
-        UnsupportedModelError, match="fixed batch size of 1, .* re-export with a dynamic batch axis"
+        UnsupportedModelError, match="fixed batch size of 1; .* re-export with a dynamic batch axis"
     ):
         load_onnx_model(model.SerializeToString())
 
@@ -1128,3 +1128,58 @@ def test_fixed_batch_exports_import_for_every_batch_size(dynamo: bool, batch: in
         assert np.abs(imported(x[:1]).numpy() - want[:1]).max() < ATOL
     again = export_onnx(imported)  # the mitigation's re-export has a dynamic batch axis
     assert np.abs(_ort(again, x) - want).max() < ATOL
+
+
+class _ConvClassifier(nn.Module):
+    """A convolutional classifier: global pooling, then a 1x1 Conv to the outputs, then a flatten, a squeeze
+    or a view (SqueezeNet- and MobileNetV3-style heads)."""
+
+    def __init__(self, tail: str) -> None:
+        super().__init__()
+        self.tail = tail
+        self.f = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                               nn.AdaptiveAvgPool2d(1))
+        self.h = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.h(self.f(x))
+        if self.tail == "squeeze":
+            return y.squeeze(-1).squeeze(-1)
+        return y.view(x.shape[0], -1) if self.tail == "view" else y.flatten(1)
+
+
+@pytest.mark.parametrize("tail", ["flatten", "squeeze", "view"])
+def test_a_1x1_conv_head_on_pooled_features_is_the_linear_head(tail: str):
+    import io
+    import warnings
+
+    torch.manual_seed(0)
+    model = _trained_bn(_ConvClassifier(tail)).eval()
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (_x(2),), buf, input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17,
+                          dynamo=False)
+    data = buf.getvalue()
+    imported = load_onnx_model(data)
+    assert (imported.feature_dim, imported.output_dim) == (8, 2)
+    x = _x(5)
+    with torch.no_grad():
+        f = imported.features(x)
+        assert f.shape == (5, 8)
+        assert np.abs(imported.head(f).numpy() - _ort(data, x)).max() < ATOL
+    assert np.abs(_ort(export_onnx(imported), x) - _ort(data, x)).max() < ATOL
+
+
+def test_a_1x1_conv_over_a_feature_map_is_not_a_linear_head():
+    # without the pooling the Conv's input is (N,8,16,16): per-pixel outputs, not one linear layer
+    rng = np.random.default_rng(4)
+    inits = {"w": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+             "h": rng.standard_normal((2, 8, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Conv", ["c", "h"], ["o"]),
+             helper.make_node("ReduceMean", ["o"], ["y"], axes=[2, 3], keepdims=0)]
+    model = _graph_model(nodes, inits)
+    with pytest.raises(UnsupportedModelError, match="must end in one linear layer"):
+        load_onnx_model(model.SerializeToString())
