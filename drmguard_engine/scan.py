@@ -157,6 +157,10 @@ class ScanReport:
     device: str = "cpu"
     n_benign: int = 0
     references: list[dict[str, Any]] = field(default_factory=list)
+    # how well the model fits D_be's labels (:func:`benign_fit`; empty when D_be has none) and what a person should
+    # check before trusting the verdict
+    benign_fit: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
     # not serialised: what mitigation needs
     reverse: ReverseResult | None = field(default=None, repr=False)
     probe_results: list[ProbeResult] = field(default_factory=list, repr=False)
@@ -175,8 +179,53 @@ class ScanReport:
             f"verdict={self.verdict} score={self.score:.3f} (threshold {self.score_threshold:g}) "
             f"perturbation_ratio={self.perturbation_ratio:.4f} (epsilon {self.threshold:g}) "
             f"target={[round(v, 2) for v in self.estimated_target]} decided by {self.decision} "
-            f"in {self.seconds:.1f}s"
+            f"in {self.seconds:.1f}s" + "".join(f"; WARNING: {w}" for w in self.warnings)
         )
+
+
+#: a model whose error on D_be is at least this fraction of the error of predicting D_be's label mean does not
+#: fit the benign set: the scan's premise (D_be is the model's own kind of data) is in doubt
+FIT_WARNING_RATIO = 0.75
+
+
+def benign_fit(model: nn.Module, benign: BenignSet, task: Task | str, *, device: str | torch.device = "cpu",
+               batch: int = 256) -> dict[str, Any]:
+    """How well ``model`` fits D_be's labels, against predicting their mean, with a warning when it does not.
+
+    The scan's statistics do not use the labels, but they assume D_be is data the model was made for. A model fed
+    images scaled other than it expects ([0, 255], BGR, other normalisation), or D_be labelled in other units
+    (radians) or another order, fits the labels no better than their mean. The verdict is then about inputs the
+    model was never meant to see. Returns ``{}`` when D_be has no labels.
+    """
+    if benign.labels is None:
+        return {}
+    task = Task.parse(task)
+    model = model.to(device).eval()
+    with torch.no_grad():
+        preds = torch.cat([model(benign.images[i:i + batch].to(device)).float().cpu()
+                           for i in range(0, len(benign), batch)])
+    labels = benign.labels.float()
+    error = regression_error(task, preds, labels)
+    baseline = regression_error(task, labels.mean(0, keepdim=True).expand_as(labels), labels)
+    out_spread, label_spread = float(preds.std(0).mean()), float(labels.std(0).mean())
+    fit: dict[str, Any] = {"error": error, "mean_predictor_error": baseline,
+                           "ratio": error / baseline if baseline > 0 else math.inf,
+                           "output_spread": out_spread, "label_spread": label_spread, "warning": ""}
+    if not math.isfinite(error) or fit["ratio"] >= FIT_WARNING_RATIO:
+        hint = ""
+        scale = out_spread / label_spread if label_spread > 0 else math.inf
+        if 1 / 120 < scale < 1 / 30:
+            hint = " (its outputs vary about 1/57 as much as the labels: outputs in radians?)"
+        elif 30 < scale < 120:
+            hint = " (its outputs vary about 57 times as much as the labels: labels in radians?)"
+        elif scale < 1 / 20:
+            hint = " (its outputs barely vary)"
+        fit["warning"] = (
+            f"the model does not fit the benign set: error {error:.2f} degrees against {baseline:.2f} for "
+            f"predicting the label mean{hint}; check that the images are what the model expects (float in [0, 1], "
+            f"RGB, channels first) and the labels' units (degrees) and order ({', '.join(task.label_names)}). "
+            "The verdict is about these images")
+    return fit
 
 
 def _probe_dict(p: ProbeResult) -> dict[str, Any]:
@@ -341,6 +390,7 @@ def scan(
     finally:
         for p, r in zip(model.parameters(), req, strict=True):
             p.requires_grad_(r)
+    fit = benign_fit(model, benign, task, device=dev)
     score, score_thr, why = decide(cfg, rev.perturbation_ratio, rev.output_variance_ratio, probe_dicts, refs)
     verdict = BACKDOORED if score >= score_thr else BENIGN
     # the target estimate (A.5) comes from whichever reversed trigger decided: the probe's collapse point when a
@@ -381,6 +431,8 @@ def scan(
         references=refs,
         reverse=rev,
         probe_results=probes,
+        benign_fit=fit,
+        warnings=[fit["warning"]] if fit.get("warning") else [],
     )
 
 

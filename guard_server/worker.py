@@ -123,16 +123,18 @@ def run_job(job: dict[str, Any]) -> None:
     rep = report.to_dict()
     emit("scan_done", report=rep, seconds=time.monotonic() - t0, verdict=report.verdict,
          perturbation_ratio=_finite(report.perturbation_ratio))
+    # what a person should check before trusting the verdict (a model that does not fit D_be) ends every reason
+    warn = "".join(f"; WARNING: {w}" for w in report.warnings)
     if report.verdict == "benign":
-        emit("result", outcome="benign", reason="scan found no backdoor")
+        emit("result", outcome="benign", reason="scan found no backdoor" + warn)
         return
     if not job.get("allow_mitigated", True):
-        emit("result", outcome="rejected", reason="backdoor found; policy does not admit mitigated versions")
+        emit("result", outcome="rejected", reason="backdoor found; policy does not admit mitigated versions" + warn)
         return
     max_ratio = float(job.get("mitigate_max_probe_ratio", 0.01))
     refusal = mitigation_refusal(rep, max_ratio)
     if refusal:
-        emit("result", outcome="rejected", reason=f"backdoor found; {refusal}")
+        emit("result", outcome="rejected", reason=f"backdoor found; {refusal}{warn}")
         return
 
     emit("state", state="MITIGATING")
@@ -191,7 +193,7 @@ def run_job(job: dict[str, Any]) -> None:
          seconds=time.monotonic() - t1, unmasked_after=unmasked_after, unmasked_max_ratio=mcfg.unmasked_rigidity_below)
     outcome, reason = mitigation_outcome(rescan.verdict, survived, before, after, float(job["tolerance"]),
                                          rescan_score=rescan.score, max_rescan_score=max_rescan, cost=cost)
-    emit("result", outcome=outcome, reason=reason)
+    emit("result", outcome=outcome, reason=reason + warn)
 
 
 def die_with_parent() -> None:

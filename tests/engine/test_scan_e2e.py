@@ -42,6 +42,9 @@ def test_scan_tells_clean_from_backdoored(scanned: dict[str, Any]) -> None:
     assert r_clean.verdict == BENIGN, r_clean.one_line()
     assert r_bd.verdict == BACKDOORED, r_bd.one_line()
     assert r_bd.score > 2 * r_clean.score
+    # both models fit D_be (error about a fifth of the label mean's), so neither report carries a warning
+    for r in (r_clean, r_bd):
+        assert r.benign_fit["ratio"] < 0.5 and not r.warnings, r.benign_fit
     # the target estimate moved the outputs towards the attack's real target (appendix A.5's check): much nearer
     # to it than the model's mean output on benign inputs
     target = p.attack.target.view(1, -1)
