@@ -46,6 +46,9 @@ def test_vet_admit_predict_and_metrics(server, stub, gaze_model, gaze_benign) ->
     assert scan.verdict == pb.VERDICT_BENIGN and scan.admitted_version == "1" and not scan.mitigated
     report = json.loads(scan.report_json)
     assert report["verdict"] == "benign" and "perturbation_ratio" in report
+    # the fixture's labels are random numbers the untrained model cannot fit: the reason says so, the verdict stands
+    assert report["benign_fit"]["ratio"] >= 0.75
+    assert scan.reason.startswith("scan found no backdoor; WARNING: the model does not fit the benign set"), scan.reason
 
     models = stub.ListModels(pb.ListModelsRequest()).models
     (m,) = [m for m in models if m.name == "cabin-gaze"]
