@@ -26,6 +26,26 @@ def test_a_precise_probe_detection_is_repaired_an_approximate_one_is_not() -> No
     assert mitigation_refusal(blend, 1.0) == ""  # the operator accepted the risk
 
 
+def test_a_model_that_does_not_fit_its_benign_set_is_not_repaired() -> None:
+    import torch
+
+    from drmguard_engine.data.benign import BenignSet
+    from drmguard_engine.scan import benign_fit  # the warning comes from the engine, in the report's shape
+
+    badnets = _report("patch probe variance ratio 0.0011 vs 0.0500 (calibrated), collapse-point rigidity 11.67 vs 1.7",
+                      patch=0.0011)
+    images = torch.rand(50, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.rand(50, 2, generator=torch.Generator().manual_seed(1)) * 40 - 20
+    constant = torch.nn.Linear(3 * 8 * 8, 2)
+    torch.nn.init.zeros_(constant.weight)
+    model = torch.nn.Sequential(torch.nn.Flatten(), constant)
+    badnets["benign_fit"] = benign_fit(model, BenignSet(images, labels), "gaze")  # a constant fits no labels
+    why = mitigation_refusal(badnets, 0.01)
+    assert why.startswith("the model does not fit the benign set") and "vet again" in why
+    badnets["benign_fit"] = {"ratio": 0.2, "warning": ""}
+    assert mitigation_refusal(badnets, 0.01) == ""
+
+
 def test_the_deciding_probe_is_the_one_the_decision_names_not_the_lowest_ratio() -> None:
     # under the rigidity rule a lower-ratio family whose collapse can be steered does not decide
     rep = _report("patch probe variance ratio 0.0040 vs 0.0500 (calibrated), collapse-point rigidity 3.0 vs 1.7",
