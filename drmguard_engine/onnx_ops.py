@@ -476,6 +476,69 @@ def prep_elu(ctx: Ctx) -> Fn:
     return lambda step, a: F.elu(a[0], alpha)
 
 
+def prep_selu(ctx: Ctx) -> Fn:
+    alpha = float(ctx.attr("alpha", 1.67326319217681884765625))
+    gamma = float(ctx.attr("gamma", 1.05070102214813232421875))
+    return lambda step, a: gamma * F.elu(a[0], alpha)  # ELU(x, alpha) is x for x > 0, alpha (e^x - 1) below
+
+
+def prep_celu(ctx: Ctx) -> Fn:
+    alpha = float(ctx.attr("alpha", 1.0))
+    return lambda step, a: F.celu(a[0], alpha)
+
+
+def prep_instance_norm(ctx: Ctx) -> Fn:
+    """InstanceNormalization (GroupNorm and InstanceNorm exports): per sample and channel over the other axes;
+    scale and bias are fine-tuned."""
+    if len(ctx.shape(0)) < 3:
+        raise ctx.fail("InstanceNormalization needs an (N, C, ...) input")
+    ctx.const(1, "the InstanceNormalization scale")
+    ctx.const(2, "the InstanceNormalization bias")
+    eps = float(ctx.attr("epsilon", 1e-5))
+    ctx.keep(1, trainable=True)
+    ctx.keep(2, trainable=True)
+    return lambda step, a: F.instance_norm(a[0], weight=a[1], bias=a[2], eps=eps)
+
+
+def _depth_space(to_space: bool):
+    def prep(ctx: Ctx) -> Fn:
+        shape = ctx.shape(0)
+        if len(shape) != 4 or ctx.batch_axis(0) not in (0, None):
+            raise ctx.fail("needs an (N, C, H, W) input with the batch on axis 0")
+        b = int(ctx.attr("blocksize"))
+        mode = str(ctx.attr("mode", "DCR"))
+        _, c, h, w = (int(d) for d in shape)
+        fits = c % (b * b) == 0 if to_space else h % b == 0 and w % b == 0
+        if b < 1 or mode not in ("DCR", "CRD") or not fits:
+            raise ctx.fail(f"blocksize {b}, mode {mode!r} does not fit the input {list(shape)}")
+        if to_space:
+            if mode == "CRD":
+                return lambda step, a: F.pixel_shuffle(a[0], b)
+            cb = c // (b * b)
+            return lambda step, a: (a[0].reshape(-1, b, b, cb, h, w).permute(0, 3, 4, 1, 5, 2)
+                                    .reshape(-1, cb, h * b, w * b))
+        return lambda step, a: (a[0].reshape(-1, c, h // b, b, w // b, b).permute(0, 3, 5, 1, 2, 4)
+                                .reshape(-1, c * b * b, h // b, w // b))
+    return prep
+
+
+def prep_einsum(ctx: Ctx) -> Fn:
+    """Einsum with its equation resolved at import; constant operands (weights) are fine-tuned."""
+    eq = str(ctx.attr("equation", "")).replace(" ", "")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ,->.")
+    if not eq or len(eq) > 64 or not set(eq) <= allowed:
+        raise ctx.fail(f"equation {eq!r} is not supported")
+    n = len(ctx.ins)
+    try:
+        out = torch.einsum(eq, *[torch.empty(ctx.shape(i), device="meta") for i in range(n)]).shape
+    except RuntimeError as e:
+        raise ctx.fail(f"equation {eq!r} does not fit its inputs: {e}") from None
+    ctx.check_size(out)
+    for i in range(n):
+        ctx.keep(i, trainable=True)
+    return lambda step, a: torch.einsum(eq, *[a[i] for i in range(n)])
+
+
 def prep_hard_sigmoid(ctx: Ctx) -> Fn:
     alpha, beta = float(ctx.attr("alpha", 0.2)), float(ctx.attr("beta", 0.5))
     return lambda step, a: torch.clamp(a[0] * alpha + beta, 0.0, 1.0)
@@ -624,6 +687,17 @@ def _reduce(kind: str):
                 return x.sum(dim=dims, keepdim=keep)
             if kind == "ReduceMax":
                 return x.amax(dim=dims, keepdim=keep)
+            if kind == "ReduceL2":
+                return x.pow(2).sum(dim=dims, keepdim=keep).sqrt()
+            if kind == "ReduceL1":
+                return x.abs().sum(dim=dims, keepdim=keep)
+            if kind == "ReduceSumSquare":
+                return x.pow(2).sum(dim=dims, keepdim=keep)
+            if kind == "ReduceProd":
+                y = x
+                for d in sorted(dims, reverse=True):
+                    y = y.prod(dim=d, keepdim=keep)
+                return y
             return x.amin(dim=dims, keepdim=keep)
 
         return fn
@@ -1184,6 +1258,13 @@ PREPARERS: dict[str, Callable[[Ctx], Fn]] = {
     "Reciprocal": _unary(torch.reciprocal),
     "Erf": _unary(torch.erf),
     "Softplus": _unary(F.softplus),
+    "Mish": _unary(F.mish),
+    "Selu": prep_selu,
+    "Celu": prep_celu,
+    "InstanceNormalization": prep_instance_norm,
+    "DepthToSpace": _depth_space(True),
+    "SpaceToDepth": _depth_space(False),
+    "Einsum": prep_einsum,
     "LeakyRelu": prep_leaky_relu,
     "Elu": prep_elu,
     "PRelu": prep_prelu,
@@ -1205,6 +1286,10 @@ PREPARERS: dict[str, Callable[[Ctx], Fn]] = {
     "ReduceSum": _reduce("ReduceSum"),
     "ReduceMax": _reduce("ReduceMax"),
     "ReduceMin": _reduce("ReduceMin"),
+    "ReduceL2": _reduce("ReduceL2"),
+    "ReduceL1": _reduce("ReduceL1"),
+    "ReduceSumSquare": _reduce("ReduceSumSquare"),
+    "ReduceProd": _reduce("ReduceProd"),
     "Flatten": prep_flatten,
     "Reshape": prep_reshape,
     "Squeeze": prep_squeeze,

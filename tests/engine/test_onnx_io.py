@@ -1183,3 +1183,104 @@ def test_a_1x1_conv_over_a_feature_map_is_not_a_linear_head():
     model = _graph_model(nodes, inits)
     with pytest.raises(UnsupportedModelError, match="must end in one linear layer"):
         load_onnx_model(model.SerializeToString())
+
+
+class _Mid(nn.Module):
+    """conv -> an op under test -> global mean -> linear head."""
+
+    def __init__(self, mid: nn.Module) -> None:
+        super().__init__()
+        self.c, self.mid, self.h = nn.Conv2d(3, 8, 3, 2, 1), mid, nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(self.mid(self.c(x)).mean((2, 3)))
+
+
+class _Einsum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8) * 0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("nchw,cd->ndhw", x, self.w)
+
+
+class _PixelShuffle(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(torch.cat([x, x.flip(1), -x, x * 2], 1), 2)
+
+
+class _L2Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c, self.h = nn.Conv2d(3, 8, 3, 2, 1), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(F.normalize(self.c(x).mean((2, 3)), dim=1))
+
+
+_MORE_OPS = {
+    "groupnorm": lambda: _Mid(nn.GroupNorm(2, 8)),
+    "instancenorm": lambda: _Mid(nn.InstanceNorm2d(8, affine=True)),
+    "mish": lambda: _Mid(nn.Mish()),
+    "selu": lambda: _Mid(nn.SELU()),
+    "celu": lambda: _Mid(nn.CELU(0.5)),
+    "einsum": lambda: _Mid(_Einsum()),
+    "pixel_shuffle": lambda: _Mid(_PixelShuffle()),
+    "l2_normalize": _L2Head,
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MORE_OPS))
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_more_ops_of_registry_models_import_and_reexport(dynamo: bool, name: str):
+    """GroupNorm/InstanceNorm (InstanceNormalization), Mish, SELU, CELU, Einsum with a weight, PixelShuffle
+    (DepthToSpace) and an L2-normalised feature (ReduceL2): each matches ONNX Runtime, trains (the norm scales
+    and the einsum weight are parameters) and survives the mitigation's re-export."""
+    import io
+    import warnings
+
+    if dynamo:
+        pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (dev extra)")
+    torch.manual_seed(0)
+    model = _MORE_OPS[name]().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1, max=64)
+            data = torch.onnx.export(model, (_x(2),), dynamo=True, input_names=["input"],
+                                     output_names=["output"], verbose=False, dynamic_shapes=({0: batch},)
+                                     ).model_proto.SerializeToString()
+        else:
+            buf = io.BytesIO()
+            torch.onnx.export(model, (_x(2),), buf, input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17,
+                              dynamo=False)
+            data = buf.getvalue()
+    imported = load_onnx_model(data)
+    x = _x(5)
+    want = _ort(data, x)
+    with torch.no_grad():
+        assert np.abs(imported(x).numpy() - want).max() < ATOL
+    assert np.abs(_ort(export_onnx(imported), x) - want).max() < ATOL
+    if name in ("groupnorm", "instancenorm", "einsum"):
+        n_params = sum(p.numel() for p in imported.body.parameters())
+        assert n_params > sum(p.numel() for p in model.c.parameters())  # the op's own weights are trainable
+
+
+@pytest.mark.parametrize(("op", "mode"),
+                         [("DepthToSpace", "DCR"), ("DepthToSpace", "CRD"), ("SpaceToDepth", None)])
+def test_depth_space_ops_match_onnx_runtime(op: str, mode: str | None):
+    rng = np.random.default_rng(7)
+    inits = {"w": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+             # 8x8 input: DepthToSpace gives (N,2,16,16), SpaceToDepth (N,32,4,4); all reach the head
+             "W": rng.standard_normal((2, 512)).astype(np.float32)}
+    attrs = {"blocksize": 2} | ({"mode": mode} if mode else {})
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node(op, ["r"], ["d"], **attrs),
+             helper.make_node("Flatten", ["d"], ["f"]),
+             helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    model = _graph_model(nodes, inits)
+    imported = load_onnx_model(model.SerializeToString())
+    _check_against_ort(model, imported, n=4)
