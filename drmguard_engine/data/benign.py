@@ -69,10 +69,9 @@ def validate_arrays(
     if not isinstance(images, np.ndarray):
         raise DataError(f"{what}: 'images' must be an array, got {type(images).__name__}")
     if images.ndim != 4:
-        raise DataError(
-            f"{what}: 'images' must have shape (N, C, H, W), got {tuple(images.shape)}; "
-            "store channels first (use np.transpose(images, (0, 3, 1, 2)) for NHWC data)"
-        )
+        fix = ("add the channel axis of greyscale images (images[:, None])" if images.ndim == 3
+               else "store channels first (use np.transpose(images, (0, 3, 1, 2)) for NHWC data)")
+        raise DataError(f"{what}: 'images' must have shape (N, C, H, W), got {tuple(images.shape)}; {fix}")
     n, c, h, w = (int(s) for s in images.shape)
     if n < min_images:
         raise DataError(f"{what}: needs at least {min_images} images, got {n}")

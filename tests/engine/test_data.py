@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -172,3 +173,22 @@ def test_real_loader_errors(tmp_path) -> None:
     (tmp_path / "01/frame_00001_pose.txt").write_text("1 0 0\n0 1 0\n0 0 1\n")
     with pytest.raises(DataError, match="missing"):
         real.load_biwi(tmp_path)
+
+
+@pytest.mark.parametrize(("arrays", "message"), [
+    ({"images": np.zeros((4, 3, 8, 8), np.uint16)}, "must be uint8 (0-255) or float32 in [0, 1]"),
+    ({"X": np.zeros((4, 3, 8, 8), np.uint8)}, "no 'images' array (found ['X'])"),
+    ({"images": np.zeros((4, 8, 8, 3), np.uint8)}, "must have 1 or 3 channels in axis 1"),
+    ({"images": np.zeros((4, 8, 8), np.uint8)}, "add the channel axis of greyscale images"),
+    ({"images": np.full((4, 3, 8, 8), 200.0, np.float32)}, "divide 0-255 data by 255 or store it as uint8"),
+    ({"images": np.array([None] * 4, dtype=object)}, "cannot be read without pickle"),
+])
+def test_a_malformed_benign_file_is_refused_with_the_fix(arrays, message) -> None:
+    import io
+
+    from drmguard_engine.data.benign import load_benign_npz
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    with pytest.raises(DataError, match=re.escape(message)):
+        load_benign_npz(buf.getvalue(), task="gaze", require_labels=False)
