@@ -61,17 +61,19 @@ def survived_unlearning(report: dict[str, Any], unmasked_after: dict[str, dict[s
             f"point ({found}): the backdoor survived unlearning")
 
 
-def mitigation_refusal(report: dict[str, Any], max_probe_ratio: float) -> str:
+def mitigation_refusal(report: dict[str, Any], max_probe_ratio: float, *, require_fit: bool = True) -> str:
     """Why a backdoored scan's model must not be repaired and served, or "" when mitigation may proceed.
 
-    A model that does not fit the benign set's labels (``report["benign_fit"]["warning"]``) is not repaired: the
-    repair is fitted on, and its clean-error cost measured against, data the model was not made for."""
+    With ``require_fit``, a model that does not fit the benign set's labels (``report["benign_fit"]["warning"]``)
+    is not repaired: the repair is fitted on, and its clean-error cost measured against, data the model was not
+    made for."""
     fit = report.get("benign_fit") or {}
-    if fit.get("warning"):
+    if require_fit and fit.get("warning"):
         return (f"the model does not fit the benign set (error {float(fit['error']):.2f} degrees against "
                 f"{float(fit['mean_predictor_error']):.2f} for predicting the label mean), so a repair fitted on it, "
                 "and its clean-error check, would not mean anything; no mitigated version is served. Fix the benign "
-                "set (images in [0, 1] as the model expects, labels in degrees and in the task's order) and vet again")
+                "set (images in [0, 1] as the model expects, labels in degrees and in the task's order) and vet again, "
+                "or start the server with --no-mitigate-require-fit to accept that risk")
     p = deciding_probe(report)
     if p is None or float(p["variance_ratio"]) <= max_probe_ratio:
         return ""

@@ -388,6 +388,7 @@ class GuardCore:
                "reference_paths": refs, "task": task, "profile": row.profile, "device": self.device,
                "allow_mitigated": self.settings.allow_mitigated, "tolerance": self.settings.tolerance,
                "mitigate_max_probe_ratio": self.settings.mitigate_max_probe_ratio,
+               "mitigate_require_fit": self.settings.mitigate_require_fit,
                "mitigate_max_rescan_score": self.settings.mitigate_max_rescan_score,
                "holdout_fraction": self.settings.holdout_fraction, "cv_folds": self.settings.mitigate_cv_folds,
                "out_dir": str(job_dir),
@@ -506,7 +507,8 @@ class GuardCore:
                                            float(rescan.get("unmasked_max_ratio") or 0.01))
             rescan_score = float((rescan.get("report") or {}).get("score", float("nan")))
             ok = (self.settings.allow_mitigated
-                  and not mitigation_refusal(scan_report, self.settings.mitigate_max_probe_ratio)
+                  and not mitigation_refusal(scan_report, self.settings.mitigate_max_probe_ratio,
+                                             require_fit=self.settings.mitigate_require_fit)
                   and mitigation_outcome(str(rescan.get("verdict")), survived, before, after, self.settings.tolerance,
                                          rescan_score=rescan_score,
                                          max_rescan_score=self.settings.mitigate_max_rescan_score)[0] == "mitigated"

@@ -53,6 +53,9 @@ class ServerSettings:
     # a probe-decided backdoor is repaired only if its probe collapsed the outputs this far (guard_server.policy):
     # above it, a mitigation can fail while the re-scan reads benign (docs/scan.md); 1.0 = repair every detection
     mitigate_max_probe_ratio: float = 0.01
+    # a backdoored model that does not fit its benign set's labels (the scan's benign_fit warning) is not repaired:
+    # the repair and its clean-error check would be fitted on data the model was not made for (fail closed)
+    mitigate_require_fit: bool = True
     # a mitigated version is served only if its re-scan reads benign with a margin: score at most this (the scan's
     # score, 1 = its threshold). Measured (docs/scan.md, "A re-scan that reads benign only narrowly"): a held-out
     # LeNet whose backdoor unlearning only weakened re-scanned at 0.82; over 30 models, removed backdoors at

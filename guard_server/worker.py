@@ -132,7 +132,7 @@ def run_job(job: dict[str, Any]) -> None:
         emit("result", outcome="rejected", reason="backdoor found; policy does not admit mitigated versions" + warn)
         return
     max_ratio = float(job.get("mitigate_max_probe_ratio", 0.01))
-    refusal = mitigation_refusal(rep, max_ratio)
+    refusal = mitigation_refusal(rep, max_ratio, require_fit=bool(job.get("mitigate_require_fit", True)))
     if refusal:
         emit("result", outcome="rejected", reason=f"backdoor found; {refusal}{warn}")
         return

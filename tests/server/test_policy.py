@@ -42,6 +42,7 @@ def test_a_model_that_does_not_fit_its_benign_set_is_not_repaired() -> None:
     badnets["benign_fit"] = benign_fit(model, BenignSet(images, labels), "gaze")  # a constant fits no labels
     why = mitigation_refusal(badnets, 0.01)
     assert why.startswith("the model does not fit the benign set") and "vet again" in why
+    assert mitigation_refusal(badnets, 0.01, require_fit=False) == ""  # the operator accepted the risk
     badnets["benign_fit"] = {"ratio": 0.2, "warning": ""}
     assert mitigation_refusal(badnets, 0.01) == ""
 
