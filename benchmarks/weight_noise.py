@@ -36,7 +36,6 @@ from drmguard_engine.attacks.base import DEFAULT_TARGETS  # noqa: E402
 from drmguard_engine.data.benign import BenignSet  # noqa: E402
 from drmguard_engine.onnx_io import load_onnx_model  # noqa: E402
 
-
 TARGET = torch.tensor(DEFAULT_TARGETS["gaze"])  # every backdoored model here uses the default gaze target
 
 
@@ -83,7 +82,10 @@ def weight_noise(model: torch.nn.Module, benign: BenignSet, *, eps: float = 0.3,
         var_fit = model(xf).var(0).sum()
     t0 = time.perf_counter()
     lr = eps if step_size is None else step_size
-    xi = {n: (torch.rand(p.shape[0], generator=gen) * 2 - 1) * eps for n, p in params.items()}
+    def draw() -> dict[str, torch.Tensor]:
+        return {n: (torch.rand(p.shape[0], generator=gen) * 2 - 1) * eps for n, p in params.items()}
+
+    xi = draw()
     for _ in range(steps):
         for v in xi.values():
             v.requires_grad_(True)
@@ -93,13 +95,14 @@ def weight_noise(model: torch.nn.Module, benign: BenignSet, *, eps: float = 0.3,
         else:
             loss = -out.var(0).sum() / var_fit
         grads = torch.autograd.grad(loss, list(xi.values()))
-        xi = {n: (v.detach() + lr * g.sign()).clamp(-eps, eps) for (n, v), g in zip(xi.items(), grads, strict=True)}
+        xi = {n: (v.detach() + lr * g.sign()).clamp(-eps, eps)
+              for (n, v), g in zip(xi.items(), grads, strict=True)}
     with torch.no_grad():
         adv = _stats(run(xi, xh), y0, yh)
-        rand = [_stats(run({n: (torch.rand(p.shape[0], generator=gen) * 2 - 1) * eps for n, p in params.items()},
-                           xh), y0, yh) for _ in range(random_draws)]
+        rand = [_stats(run(draw(), xh), y0, yh) for _ in range(random_draws)]
         base = _stats(y0, y0, yh)
-    return {"adversarial": adv, "random": rand, "unperturbed": base, "seconds": round(time.perf_counter() - t0, 1),
+    return {"adversarial": adv, "random": rand, "unperturbed": base,
+            "seconds": round(time.perf_counter() - t0, 1),
             "neurons": sum(p.shape[0] for p in params.values()), "eps": eps, "steps": steps}
 
 
@@ -117,7 +120,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--objective", choices=["ascent", "collapse"], default="ascent")
     p.add_argument("--step-size", type=float, default=None)
-    p.add_argument("--brief", action="store_true", help="print the adversarial figures and random var ratios only")
+    p.add_argument("--brief", action="store_true",
+                   help="print the adversarial figures and the random draws' variance ratios only")
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -134,7 +138,8 @@ def main() -> int:
             (cache / "badnets.onnx").write_bytes(pair.onnx("backdoored"))
             (cache / "be.npz").write_bytes(pair.benign_npz())
         be = _load_npz(cache / "be.npz")
-        models += [(f"tiny-{k}", load_onnx_model((cache / f"{k}.onnx").read_bytes()), be) for k in ("clean", "badnets")]
+        models += [(f"tiny-{k}", load_onnx_model((cache / f"{k}.onnx").read_bytes()), be)
+                   for k in ("clean", "badnets")]
     if a.onnx:
         benign = _load_npz(a.benign)
         models += [(str(o.name), load_onnx_model(o.read_bytes()), benign) for o in a.onnx]
