@@ -952,6 +952,28 @@ def test_op_matches_onnxruntime(case):
     assert x.grad is not None
 
 
+def _torch_export(model: nn.Module, x: torch.Tensor, *, dynamo: bool, dynamic: bool = True) -> bytes:
+    """``model`` exported with one of torch's exporters; ``dynamic=False`` keeps the traced batch fixed, as
+    a call without ``dynamic_axes`` / ``dynamic_shapes`` does."""
+    import io
+    import warnings
+
+    if dynamo:
+        pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (dev extra)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic else None
+            prog = torch.onnx.export(model, (x,), dynamo=True, input_names=["input"], output_names=["output"],
+                                     verbose=False, dynamic_shapes=shapes)
+            return prog.model_proto.SerializeToString()
+        buf = io.BytesIO()
+        axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic else None
+        torch.onnx.export(model, (x,), buf, input_names=["input"], output_names=["output"], dynamic_axes=axes,
+                          opset_version=17, dynamo=False)
+        return buf.getvalue()
+
+
 class _TokenNet(nn.Module):
     """A tiny ViT: patch embedding, a class token expanded to the batch, LayerNorm, torch's multi-head
     attention (whose exports move the batch off axis 0 and reshape to batch x heads), a GELU MLP, a linear
@@ -995,25 +1017,8 @@ class _QKVNet(nn.Module):
 @pytest.mark.parametrize("net", [_TokenNet, _QKVNet], ids=["torch_attention", "handwritten_attention"])
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_vit_style_models_import(dynamo: bool, net: type[nn.Module]):
-    import io
-    import warnings
-
-    if dynamo:
-        pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (dev extra)")
     torch.manual_seed(0)
-    model = net().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            prog = torch.onnx.export(model, (_x(2),), dynamo=True, input_names=["input"],
-                                     output_names=["output"], verbose=False,
-                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=1024)},))
-            data = prog.model_proto.SerializeToString()
-        else:
-            buf = io.BytesIO()
-            torch.onnx.export(model, (_x(2),), buf, input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}}, opset_version=17, dynamo=False)
-            data = buf.getvalue()
+    data = _torch_export(net().eval(), _x(2), dynamo=dynamo)
     imported = load_onnx_model(data)
     for n in (1, 5):  # the class token follows the batch size
         x = _x(n)
@@ -1102,23 +1107,8 @@ class _ViewNet(nn.Module):
 def test_fixed_batch_exports_import_for_every_batch_size(dynamo: bool, batch: int, net: type[nn.Module]):
     """An export without a dynamic batch axis (torch's default) bakes its batch size into Reshape targets and
     the class token; the import reads them as the batch, and matches ONNX Runtime run at the file's batch."""
-    import io
-    import warnings
-
-    if dynamo:
-        pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (dev extra)")
     torch.manual_seed(0)
-    model = net().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            data = torch.onnx.export(model, (_x(batch),), dynamo=True, input_names=["input"],
-                                     output_names=["output"], verbose=False).model_proto.SerializeToString()
-        else:
-            buf = io.BytesIO()
-            torch.onnx.export(model, (_x(batch),), buf, input_names=["input"], output_names=["output"],
-                              opset_version=17, dynamo=False)
-            data = buf.getvalue()
+    data = _torch_export(net().eval(), _x(batch), dynamo=dynamo, dynamic=False)
     assert onnx.load_model_from_string(data).graph.input[0].type.tensor_type.shape.dim[0].dim_value == batch
     imported = load_onnx_model(data)
     x = _x(6)
@@ -1150,18 +1140,9 @@ class _ConvClassifier(nn.Module):
 
 @pytest.mark.parametrize("tail", ["flatten", "squeeze", "view"])
 def test_a_1x1_conv_head_on_pooled_features_is_the_linear_head(tail: str):
-    import io
-    import warnings
-
     torch.manual_seed(0)
     model = _trained_bn(_ConvClassifier(tail)).eval()
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (_x(2),), buf, input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17,
-                          dynamo=False)
-    data = buf.getvalue()
+    data = _torch_export(model, _x(2), dynamo=False)
     imported = load_onnx_model(data)
     assert (imported.feature_dim, imported.output_dim) == (8, 2)
     x = _x(5)
@@ -1237,26 +1218,9 @@ def test_more_ops_of_registry_models_import_and_reexport(dynamo: bool, name: str
     """GroupNorm/InstanceNorm (InstanceNormalization), Mish, SELU, CELU, Einsum with a weight, PixelShuffle
     (DepthToSpace) and an L2-normalised feature (ReduceL2): each matches ONNX Runtime, trains (the norm scales
     and the einsum weight are parameters) and survives the mitigation's re-export."""
-    import io
-    import warnings
-
-    if dynamo:
-        pytest.importorskip("onnxscript", reason="the dynamo exporter needs onnxscript (dev extra)")
     torch.manual_seed(0)
     model = _MORE_OPS[name]().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            batch = torch.export.Dim("batch", min=1, max=64)
-            data = torch.onnx.export(model, (_x(2),), dynamo=True, input_names=["input"],
-                                     output_names=["output"], verbose=False, dynamic_shapes=({0: batch},)
-                                     ).model_proto.SerializeToString()
-        else:
-            buf = io.BytesIO()
-            torch.onnx.export(model, (_x(2),), buf, input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, opset_version=17,
-                              dynamo=False)
-            data = buf.getvalue()
+    data = _torch_export(model, _x(2), dynamo=dynamo)
     imported = load_onnx_model(data)
     x = _x(5)
     want = _ort(data, x)
