@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from .errors import InvalidRequestError
+
 logger = logging.getLogger(__name__)
 
 _ORT_TO_NP = {"tensor(float)": np.float32, "tensor(uint8)": np.uint8, "tensor(double)": np.float64,
@@ -85,8 +87,6 @@ class LoadedModel:
         if fb is None or n == fb:
             return self.session.run(None, feeds)
         if not n or n % fb:
-            from .errors import InvalidRequestError
-
             raise InvalidRequestError(f"this model's graph fixes its batch size at {fb}; send a multiple of "
                                       f"{fb} images, not {n}")
         ((name, x),) = feeds.items()
