@@ -534,8 +534,8 @@ def prep_einsum(ctx: Ctx) -> Fn:
     except RuntimeError as e:
         raise ctx.fail(f"equation {eq!r} does not fit its inputs: {e}") from None
     ctx.check_size(out)
-    for i in range(n):
-        ctx.keep(i, trainable=True)
+    for i in range(n):  # a float constant is a weight; an integer one stays what it is
+        ctx.keep(i, trainable=ctx.is_const(i) and ctx.const(i, "Einsum operand").is_floating_point())
     return lambda step, a: torch.einsum(eq, *[a[i] for i in range(n)])
 
 
@@ -679,30 +679,29 @@ def _reduce(kind: str):
         dims = tuple(sorted(a % rank for a in axes))
         keep = bool(ctx.attr("keepdims", 1))
 
-        def fn(step: Step, a: list[Any]) -> torch.Tensor:
-            x = a[0]
-            if kind == "ReduceMean":
-                return x.mean(dim=dims, keepdim=keep)
-            if kind == "ReduceSum":
-                return x.sum(dim=dims, keepdim=keep)
-            if kind == "ReduceMax":
-                return x.amax(dim=dims, keepdim=keep)
-            if kind == "ReduceL2":
-                return x.pow(2).sum(dim=dims, keepdim=keep).sqrt()
-            if kind == "ReduceL1":
-                return x.abs().sum(dim=dims, keepdim=keep)
-            if kind == "ReduceSumSquare":
-                return x.pow(2).sum(dim=dims, keepdim=keep)
-            if kind == "ReduceProd":
-                y = x
-                for d in sorted(dims, reverse=True):
-                    y = y.prod(dim=d, keepdim=keep)
-                return y
-            return x.amin(dim=dims, keepdim=keep)
-
-        return fn
+        reducer = _REDUCERS[kind]
+        return lambda step, a: reducer(a[0], dims, keep)
 
     return prep
+
+
+def _prod(x: torch.Tensor, dims: tuple[int, ...], keep: bool) -> torch.Tensor:
+    for d in sorted(dims, reverse=True):  # highest axis first, so the lower ones keep their index
+        x = x.prod(dim=d, keepdim=keep)
+    return x
+
+
+#: ReduceX -> f(x, dims, keepdim), chosen once at import
+_REDUCERS: dict[str, Callable[[torch.Tensor, tuple[int, ...], bool], torch.Tensor]] = {
+    "ReduceMean": lambda x, d, k: x.mean(dim=d, keepdim=k),
+    "ReduceSum": lambda x, d, k: x.sum(dim=d, keepdim=k),
+    "ReduceMax": lambda x, d, k: x.amax(dim=d, keepdim=k),
+    "ReduceMin": lambda x, d, k: x.amin(dim=d, keepdim=k),
+    "ReduceL2": lambda x, d, k: x.pow(2).sum(dim=d, keepdim=k).sqrt(),
+    "ReduceL1": lambda x, d, k: x.abs().sum(dim=d, keepdim=k),
+    "ReduceSumSquare": lambda x, d, k: x.pow(2).sum(dim=d, keepdim=k),
+    "ReduceProd": _prod,
+}
 
 
 def prep_flatten(ctx: Ctx) -> Fn:

@@ -1248,3 +1248,19 @@ def test_depth_space_ops_match_onnx_runtime(op: str, mode: str | None):
     model = _graph_model(nodes, inits)
     imported = load_onnx_model(model.SerializeToString())
     _check_against_ort(model, imported, n=4)
+
+
+@pytest.mark.parametrize("op", ["ReduceL1", "ReduceL2", "ReduceSumSquare", "ReduceProd"])
+@pytest.mark.parametrize("keepdims", [0, 1])
+def test_more_reductions_match_onnx_runtime(op: str, keepdims: int):
+    rng = np.random.default_rng(9)
+    inits = {"w": (rng.standard_normal((4, 3, 3, 3)) * 0.3).astype(np.float32),
+             "W": rng.standard_normal((2, 16)).astype(np.float32), "shape": np.array([0, -1], dtype=np.int64)}
+    # over W (4 values): ReduceProd of 4 sigmoids stays far above ATOL, so a wrong reduction shows
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Sigmoid", ["c"], ["r"]),
+             helper.make_node(op, ["r"], ["p"], axes=[3], keepdims=keepdims),
+             helper.make_node("Reshape", ["p", "shape"], ["f"]),
+             helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    model = _graph_model(nodes, inits, opset=17)
+    _check_against_ort(model, load_onnx_model(model.SerializeToString()), n=4)
