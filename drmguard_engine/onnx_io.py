@@ -352,8 +352,7 @@ class ImportedModel(nn.Module):
         body: GraphBody,
         head: nn.Linear,
         *,
-        transpose_features: bool,
-        flatten_features: bool = False,
+        feature_form: str = "",
         input_name: str,
         output_name: str,
         input_shape: tuple[int, int, int],
@@ -367,8 +366,9 @@ class ImportedModel(nn.Module):
         self.input_layout = input_layout
         self.body = body
         self.head = head
-        self.transpose_features = bool(transpose_features)
-        self.flatten_features = bool(flatten_features)
+        if feature_form not in _FEATURE_FORMS:
+            raise ConfigError(f"feature_form must be one of {sorted(_FEATURE_FORMS)}, got {feature_form!r}")
+        self.feature_form = feature_form
         self.input_name = input_name
         self.output_name = output_name
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -389,10 +389,13 @@ class ImportedModel(nn.Module):
         """F: (N,C,H,W) images in [0,1] -> (N,m) penultimate features."""
         f = self.body(x.permute(0, 2, 3, 1) if self.input_layout == "NHWC" else x)
         # Gemm with transA=1 multiplies an (m,N) matrix; F is defined as its (N,m) transpose. A 1x1 Conv head
-        # reads (N,m,1,1) pooled features.
-        if self.flatten_features:
+        # reads (N,m,1,1) pooled features; one followed by global average pooling reads the (N,m,h,w) map,
+        # and since both are linear, F is that map pooled first.
+        if self.feature_form == "flatten":
             return f.flatten(1)
-        return f.t() if self.transpose_features else f
+        if self.feature_form == "pool":
+            return f.mean((2, 3))
+        return f.t() if self.feature_form == "transpose" else f
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """f = H(F(x)): (N,C,H,W) -> (N,d)."""
@@ -429,8 +432,11 @@ def _read_source(source: str | os.PathLike[str] | bytes | bytearray | memoryview
     raise UnsupportedModelError(f"expected a path or the ONNX file's bytes, got {type(source).__name__}")
 
 
-_LINEAR_MSG = ("the model must end in one linear layer (Gemm, MatMul+Add, or a 1x1 Conv on pooled features) "
-               "producing the outputs")
+_LINEAR_MSG = ("the model must end in one linear layer (Gemm, MatMul+Add, or a 1x1 Conv on pooled features "
+               "or followed by global average pooling) producing the outputs")
+#: How F reads the final linear layer's input: as it is (N,m), transposed (Gemm transA), flattened
+#: ((N,m,1,1) under a 1x1 Conv) or pooled ((N,m,h,w) under a 1x1 Conv that global average pooling follows).
+_FEATURE_FORMS = frozenset({"", "transpose", "flatten", "pool"})
 
 
 def _dyn_input(interp: Interpreted, node: onnx.NodeProto) -> str | None:
@@ -508,6 +514,26 @@ def _bias(c: torch.Tensor | None, d: int, scale: float, where: str) -> torch.Ten
     return (c.reshape(-1) * scale).expand(d).clone()
 
 
+def _global_mean_input(interp: Interpreted, node: onnx.NodeProto) -> str | None:
+    """The input of ``node`` when it is a global average pool of a rank-4 map (GlobalAveragePool, or a
+    ReduceMean over axes 2 and 3 in the attribute or the opset-18 input form), else ``None``."""
+    if not node.input or not isinstance(interp.values.get(node.input[0]), Dyn):
+        return None
+    if interp.values[node.input[0]].example.dim() != 4:  # type: ignore[union-attr]
+        return None
+    if node.op_type == "GlobalAveragePool":
+        return node.input[0]
+    if node.op_type != "ReduceMean":
+        return None
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    axes = attrs.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        c = interp.values.get(node.input[1])
+        if isinstance(c, Const) and isinstance(c.value, torch.Tensor) and not c.value.is_floating_point():
+            axes = [int(v) for v in c.value.reshape(-1).tolist()]
+    return node.input[0] if axes is not None and sorted(a % 4 for a in axes) == [2, 3] else None
+
+
 def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, str]:
     """Walks back from the output to the final linear layer: (its input name, H, how F reads that input).
 
@@ -581,19 +607,28 @@ def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, s
             check_a(matmul.input[0], False)
             weight = b.t()
             return matmul.input[0], linear(weight, torch.zeros(weight.shape[0])), ""
-    # A convolutional classifier: a 1x1 Conv over (N,m,1,1) pooled features is a linear layer on them.
+    # A convolutional classifier: a 1x1 Conv over (N,m,1,1) pooled features is a linear layer on them, and so
+    # is one over an (N,m,h,w) map that global average pooling follows (pooling and the Conv commute).
+    form = "flatten"
+    pooled = _global_mean_input(interp, node)
+    if pooled is not None and pooled in producers and producers[pooled].op_type == "Conv":
+        node, form = producers[pooled], "pool"
     if node.op_type == "Conv" and isinstance(values.get(node.input[0]), Dyn):
         w = _const(interp, node.input[1])
         a_shape = tuple(values[node.input[0]].example.shape)  # type: ignore[union-attr]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if (w is not None and w.dim() == 4 and tuple(w.shape[2:]) == (1, 1)
-                and int(attrs.get("group", 1)) == 1
-                and not any(attrs.get("pads", [])) and a_shape == (DRY_BATCH, w.shape[1], 1, 1)):
+        if form == "pool":
+            fits = len(a_shape) == 4 and not any(s != 1 for s in attrs.get("strides", []))
+        else:
+            fits = a_shape == (DRY_BATCH, w.shape[1] if w is not None and w.dim() > 1 else -1, 1, 1)
+        if (w is not None and w.dim() == 4 and tuple(w.shape[2:]) == (1, 1) and fits
+                and int(attrs.get("group", 1)) == 1 and not any(attrs.get("pads", []))
+                and attrs.get("auto_pad", b"NOTSET") in (b"NOTSET", "NOTSET", b"VALID", "VALID")):
             c = _const(interp, node.input[2]) if len(node.input) > 2 else None
             if len(node.input) > 2 and node.input[2] and c is None:
                 raise UnsupportedModelError(f"{_LINEAR_MSG}; the Conv bias must be a constant")
             weight = w.reshape(w.shape[0], w.shape[1])
-            return node.input[0], linear(weight, _bias(c, weight.shape[0], 1.0, "the Conv")), "flatten"
+            return node.input[0], linear(weight, _bias(c, weight.shape[0], 1.0, "the Conv")), form
 
     # Not a linear layer: say what stands between the last linear layer and the output.
     after = [node.op_type]
@@ -608,6 +643,14 @@ def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, s
         if cur.op_type in ("Gemm", "MatMul"):
             ops = list(reversed(after))
             raise UnsupportedModelError(f"{_LINEAR_MSG}; found {', '.join(ops)} after it")
+        w = _const(interp, cur.input[1]) if cur.op_type == "Conv" and len(cur.input) > 1 else None
+        if w is not None and w.dim() == 4 and tuple(w.shape[2:]) == (1, 1) and w.shape[0] == out_shape[-1]:
+            ops = list(reversed(after))
+            raise UnsupportedModelError(
+                f"{_LINEAR_MSG}; found {', '.join(ops)} after the last 1x1 Conv (a classifier like "
+                "SqueezeNet's), which makes the head non-linear: end the model in pooling, then one linear "
+                "layer"
+            )
         after.append(cur.op_type)
 
 
@@ -659,8 +702,7 @@ def load_onnx_model(
     imported = ImportedModel(
         body,
         head,
-        transpose_features=feature_form == "transpose",
-        flatten_features=feature_form == "flatten",
+        feature_form=feature_form,
         input_name=inp.name,
         output_name=output_name,
         input_shape=(c, h, w),

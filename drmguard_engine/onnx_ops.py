@@ -891,26 +891,92 @@ def prep_concat(ctx: Ctx) -> Fn:
     return fn
 
 
+def _gather_batch_blocks(ctx: Ctx, axis: int, idx: torch.Tensor) -> Fn:
+    """Gather along the batch axis of a fixed-batch export: indices that pick the same entries in each sample.
+
+    The dynamo exporter writes ``as_strided`` (ConvNeXt's LayerNorm after pooling) as a flatten to 1-D and a
+    Gather of baked flat indices, (B, ...) of them: sample b's entries are sample 0's plus b x k, where k is
+    the number of entries per sample on that axis. Read so, the Gather runs per sample at any batch size.
+    """
+    fb, k = ctx.fixed_batch, ctx.ins[0].batch_k  # type: ignore[union-attr]
+    if not fb or not k or idx.dim() == 0 or idx.shape[0] != fb:
+        raise ctx.fail("Gather along the batch axis is not supported")
+    first = idx[0]
+    offsets = torch.arange(fb).reshape(-1, *([1] * first.dim())) * k
+    if not torch.equal(idx, first.unsqueeze(0) + offsets) or int(first.min()) < 0 or int(first.max()) >= k:
+        raise ctx.fail("Gather along the batch axis is supported only where each sample picks the same "
+                       "entries of its own block")
+    flat = first.reshape(-1)
+    inner = list(first.shape)
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        x = a[0].unflatten(axis, (-1, k))
+        y = x.index_select(axis + 1, flat.to(x.device))
+        return y.unflatten(axis + 1, inner) if inner else y.squeeze(axis + 1)
+
+    return fn
+
+
 def prep_gather(ctx: Ctx) -> Fn:
     shape = ctx.shape(0)
     axis = int(ctx.attr("axis", 0)) % len(shape)
-    if axis == ctx.batch_axis(0):
-        raise ctx.fail("Gather along the batch axis is not supported")
     idx = ctx.const(1, "Gather indices").long()
+    if axis == ctx.batch_axis(0):
+        return _gather_batch_blocks(ctx, axis, idx)
     idx = torch.where(idx < 0, idx + shape[axis], idx)
     if idx.dim() == 0:
         i = int(idx)
         return lambda step, a: a[0].select(axis, i)
-    if idx.dim() == 1:
-        ids = [int(v) for v in idx.tolist()]
+    ids = [int(v) for v in idx.reshape(-1).tolist()]
+    if idx.dim() == 1 and ids and ids == list(range(ids[0], ids[0] + len(ids))):
         # A contiguous run is a slice (cleaner to trace); otherwise index_select with a constant index.
-        if ids and ids == list(range(ids[0], ids[0] + len(ids))):
-            lo, hi = ids[0], ids[0] + len(ids)
-            return lambda step, a: a[0].narrow(axis, lo, hi - lo)
-        return lambda step, a: a[0].index_select(
-            axis, torch.tensor(ids, dtype=torch.long, device=a[0].device)
-        )
-    raise ctx.fail("Gather indices of rank > 1 are not supported")
+        lo, hi = ids[0], ids[0] + len(ids)
+        return lambda step, a: a[0].narrow(axis, lo, hi - lo)
+    inner = list(idx.shape)
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        y = a[0].index_select(axis, torch.tensor(ids, dtype=torch.long, device=a[0].device))
+        return y if len(inner) == 1 else y.unflatten(axis, inner)
+
+    return fn
+
+
+def prep_range(ctx: Ctx) -> Fn:
+    # Only ever folded: exporters compute index tables from shapes with it (Swin's window masks).
+    start, limit, delta = (ctx.const(i, "a Range bound") for i in range(3))
+    if float(delta) == 0:
+        raise ctx.fail("Range with a zero step")
+    ctx.check_size([max(math.ceil((float(limit) - float(start)) / float(delta)), 0)])
+    return lambda step, a: torch.arange(a[0].item(), a[1].item(), a[2].item(), dtype=a[0].dtype)
+
+
+def prep_scatter_nd(ctx: Ctx) -> Fn:
+    reduction = ctx.attr("reduction", "none")
+    if isinstance(reduction, bytes):
+        reduction = reduction.decode()
+    if reduction not in ("none", "add"):
+        raise ctx.fail(f"ScatterND reduction {reduction!r} is not supported (only none and add)")
+    idx = ctx.const(1, "ScatterND indices").long()
+    shape = ctx.shape(0)
+    if idx.dim() == 0 or idx.shape[-1] > len(shape):
+        raise ctx.fail("ScatterND indices must end in an axis no longer than the data's rank")
+    depth = idx.shape[-1]
+    b = ctx.batch_axis(0)
+    if b is not None and b < depth:
+        raise ctx.fail("ScatterND into the batch axis is not supported")
+    bound = torch.tensor(shape[:depth]).reshape(*([1] * (idx.dim() - 1)), depth)
+    if bool(((idx < -bound) | (idx >= bound)).any()):
+        raise ctx.fail("ScatterND indices out of range")
+    idx = torch.where(idx < 0, idx + bound, idx)
+    ctx.keep(0, trainable=False)
+    ctx.keep(2, trainable=False)
+    parts = [idx[..., j] for j in range(depth)]
+
+    def fn(step: Step, a: list[Any]) -> torch.Tensor:
+        where = tuple(p.to(a[0].device) for p in parts)
+        return a[0].index_put(where, a[2].to(a[0].dtype), accumulate=reduction == "add")
+
+    return fn
 
 
 def _slice_spec(ctx: Ctx) -> list[tuple[int, int, int, int]]:
@@ -1316,6 +1382,8 @@ PREPARERS: dict[str, Callable[[Ctx], Fn]] = {
     "Sin": _unary(torch.sin),
     "Cos": _unary(torch.cos),
     "Mod": prep_mod,
+    "Range": prep_range,
+    "ScatterND": prep_scatter_nd,
 }
 
 #: Every op type (default ``ai.onnx`` domain) the interpreter reads; ``check_onnx_bytes`` refuses others.

@@ -932,6 +932,47 @@ _OP_CASES += [
         {"shp": _i(1, 3, 8, 8)},
         3,
     ),
+    (
+        # indices of rank 2 on a channel axis: (N, 2, 2, 8, 8), merged back to 4 channels
+        "gather_rank2_indices",
+        17,
+        [
+            helper.make_node("Gather", ["x", "gi"], ["g"], axis=1),
+            helper.make_node("Reshape", ["g", "gs"], ["m"]),
+        ],
+        {"gi": np.array([[2, 0], [1, 1]], dtype=np.int64), "gs": _i(0, 4, 8, 8)},
+        4,
+    ),
+    (
+        # Swin's window mask: Range, a ConstantOfShape and a ScatterND folded into one constant
+        "range_scatternd_folded_mask",
+        17,
+        [
+            helper.make_node("Range", ["r0", "r1", "r2"], ["rg"]),
+            helper.make_node("Unsqueeze", ["rg", "ax1"], ["ri"]),
+            helper.make_node("ConstantOfShape", ["ms"], ["z"],
+                             value=numpy_helper.from_array(np.zeros(1, np.float32))),
+            helper.make_node("ScatterND", ["z", "ri", "up"], ["mask"]),
+            helper.make_node("Add", ["x", "mask"], ["m"]),
+        ],
+        {"r0": np.array(1, np.int64), "r1": np.array(7, np.int64), "r2": np.array(2, np.int64),
+         "ax1": _i(1), "ms": _i(8, 8), "up": _c(3, 8)},
+        3,
+    ),
+    (
+        # ScatterND into the input's values on a non-batch axis (channels 0 and 2 replaced, channel 2 summed)
+        "scatternd_on_input_values",
+        17,
+        [
+            helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2, 3]),
+            helper.make_node("Slice", ["t", "s0", "s1", "s2"], ["u"]),
+            helper.make_node("Mul", ["u", "two"], ["u2"]),
+            helper.make_node("ScatterND", ["t", "si", "u2"], ["sc"], reduction="add"),
+            helper.make_node("Transpose", ["sc"], ["m"], perm=[1, 0, 2, 3]),
+        ],
+        {"s0": _i(0), "s1": _i(2), "s2": _i(0), "two": _f(2.0), "si": np.array([[0], [2]], dtype=np.int64)},
+        3,
+    ),
 ]
 
 
@@ -1153,17 +1194,107 @@ def test_a_1x1_conv_head_on_pooled_features_is_the_linear_head(tail: str):
     assert np.abs(_ort(export_onnx(imported), x) - _ort(data, x)).max() < ATOL
 
 
-def test_a_1x1_conv_over_a_feature_map_is_not_a_linear_head():
-    # without the pooling the Conv's input is (N,8,16,16): per-pixel outputs, not one linear layer
+@pytest.mark.parametrize("pool", ["GlobalAveragePool", "ReduceMean", "ReduceMean18"])
+def test_a_1x1_conv_that_global_pooling_follows_is_the_linear_head(pool: str):
+    # mean(conv1x1(m)) == conv1x1(mean(m)): F is the (N,8,16,16) map pooled, H the Conv
+    rng = np.random.default_rng(4)
+    inits = {"w": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+             "h": rng.standard_normal((2, 8, 1, 1)).astype(np.float32),
+             "hb": rng.standard_normal(2).astype(np.float32)}
+    if pool == "ReduceMean18":
+        inits["ax"] = np.array([2, 3], dtype=np.int64)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "h", "hb"], ["o"])]
+    if pool == "GlobalAveragePool":
+        nodes += [helper.make_node(pool, ["o"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])]
+    elif pool == "ReduceMean":
+        nodes += [helper.make_node(pool, ["o"], ["y"], axes=[2, 3], keepdims=0)]
+    else:
+        nodes += [helper.make_node("ReduceMean", ["o", "ax"], ["y"], keepdims=0)]
+    model = _graph_model(nodes, inits, opset=18 if pool == "ReduceMean18" else 17)
+    imported = load_onnx_model(model.SerializeToString())
+    assert (imported.feature_form, imported.feature_dim, imported.output_dim) == ("pool", 8, 2)
+    assert torch.allclose(imported.head.weight, torch.from_numpy(inits["h"].reshape(2, 8)))
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert imported.features(x).shape == (5, 8)
+    _check_against_ort(model, imported, n=5)
+    assert np.abs(_ort(export_onnx(imported), x) - _ort(model.SerializeToString(), x)).max() < ATOL
+
+
+def test_a_relu_between_a_1x1_conv_head_and_the_pooling_is_refused_with_the_reason():
+    # SqueezeNet's classifier (Conv 1x1, ReLU, global pooling) is not one linear layer
     rng = np.random.default_rng(4)
     inits = {"w": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
              "h": rng.standard_normal((2, 8, 1, 1)).astype(np.float32)}
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
              helper.make_node("Conv", ["c", "h"], ["o"]),
-             helper.make_node("ReduceMean", ["o"], ["y"], axes=[2, 3], keepdims=0)]
+             helper.make_node("Relu", ["o"], ["r"]),
+             helper.make_node("ReduceMean", ["r"], ["y"], axes=[2, 3], keepdims=0)]
     model = _graph_model(nodes, inits)
-    with pytest.raises(UnsupportedModelError, match="must end in one linear layer"):
+    with pytest.raises(UnsupportedModelError, match="Relu, ReduceMean after the last 1x1 Conv"):
         load_onnx_model(model.SerializeToString())
+
+
+def test_a_1x1_conv_head_with_a_stride_over_a_map_is_not_a_linear_head():
+    # a strided 1x1 Conv drops pixels before the pooling: not the mean of the whole map
+    rng = np.random.default_rng(4)
+    inits = {"w": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+             "h": rng.standard_normal((2, 8, 1, 1)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Conv", ["c", "h"], ["o"], strides=[2, 2]),
+             helper.make_node("ReduceMean", ["o"], ["y"], axes=[2, 3], keepdims=0)]
+    with pytest.raises(UnsupportedModelError, match="must end in one linear layer"):
+        load_onnx_model(_graph_model(nodes, inits).SerializeToString())
+
+
+def _fixed_batch_graph(nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray],
+                       batch: int) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 2])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fixed_batch_flat_gather_of_each_sample_runs_at_any_batch(batch: int):
+    # the dynamo exporter's as_strided (torchvision's ConvNeXt head): pooled (B,4,1,1) features flattened to
+    # 1-D and gathered with baked flat indices, sample b's at 4b..4b+3
+    rng = np.random.default_rng(6)
+    idx = (np.arange(batch).reshape(-1, 1) * 4 + np.array([2, 0, 3, 1])).reshape(batch, 4, 1, 1)
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "flat": _i(-1),
+             "idx": idx.astype(np.int64), "W": rng.standard_normal((2, 4)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+             helper.make_node("Reshape", ["p", "flat"], ["v"]),
+             helper.make_node("Gather", ["v", "idx"], ["g"], axis=0),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    model = _fixed_batch_graph(nodes, inits, batch)
+    data = model.SerializeToString()
+    imported = load_onnx_model(data)
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    want = np.concatenate([_ort(data, x[i:i + batch]) for i in range(0, 6, batch)])
+    with torch.no_grad():
+        assert np.abs(imported(x).numpy() - want).max() < ATOL
+    assert np.abs(_ort(export_onnx(imported), x) - want).max() < ATOL
+
+
+def test_fixed_batch_gather_that_mixes_samples_is_refused():
+    # sample 1 reads sample 0's entries: the graph really mixes the batch
+    rng = np.random.default_rng(6)
+    inits = {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "flat": _i(-1),
+             "idx": np.array([0, 1, 2, 3, 0, 1, 2, 3], dtype=np.int64).reshape(2, 4),
+             "W": rng.standard_normal((2, 4)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("GlobalAveragePool", ["c"], ["p"]),
+             helper.make_node("Reshape", ["p", "flat"], ["v"]),
+             helper.make_node("Gather", ["v", "idx"], ["f"], axis=0),
+             helper.make_node("Gemm", ["f", "W"], ["y"], transB=1)]
+    with pytest.raises(UnsupportedModelError, match="each sample picks the same entries"):
+        load_onnx_model(_fixed_batch_graph(nodes, inits, 2).SerializeToString())
 
 
 class _Mid(nn.Module):
