@@ -136,6 +136,17 @@ ARCHS = {
     "efficientnet": (EfficientNetish, 96),
 }
 
+# torchvision's own networks, where torchvision imports (not in the engine's venv: run this script with a
+# venv that has torch 2.14.1 and torchvision 0.29.1, see benchmarks/torchvision_import.py); each with a
+# 2-output regression head, trained from scratch at 64 px.
+try:
+    import torchvision
+except (ImportError, RuntimeError):  # RuntimeError: PyPI's torchvision beside the CPU torch pin
+    torchvision = None
+if torchvision is not None:
+    for _tv in ("mobilenet_v3_small", "shufflenet_v2_x0_5", "efficientnet_b0", "regnet_y_400mf"):
+        ARCHS[f"tv_{_tv}"] = (lambda _tv=_tv: getattr(torchvision.models, _tv)(weights=None, num_classes=2), 64)
+
 
 def to_onnx(model: nn.Module, size: int, dynamo: bool) -> bytes:
     x = torch.rand(2, 3, size, size)

@@ -68,7 +68,8 @@ def _calibrated(model, side: int):
     """The model in eval mode with BatchNorm statistics of its own activations on random images.
 
     At initialisation the running statistics are (0, 1), and deep nets then shrink their activations to
-    nothing (EfficientNet's outputs were 1e-19): a comparison at that scale proves nothing.
+    nothing (EfficientNet's outputs were 1e-19): a comparison at that scale proves nothing. A head initialised
+    at zero gets small random weights, for the same reason.
     """
     import torch
 
@@ -80,6 +81,10 @@ def _calibrated(model, side: int):
     with torch.no_grad():
         for _ in range(4):
             model(torch.rand(8, 3, side, side))
+    # torchvision's ViT starts its head at zero: outputs of 0 would match anything
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.02)
     return model.eval()
 
 
