@@ -537,8 +537,9 @@ def _global_mean_input(interp: Interpreted, node: onnx.NodeProto) -> str | None:
 def _find_head(interp: Interpreted, output_name: str) -> tuple[str, nn.Linear, str]:
     """Walks back from the output to the final linear layer: (its input name, H, how F reads that input).
 
-    The last is "" for an (N,m) input, "transpose" for Gemm's transA=1 (an (m,N) input) and "flatten" for a
-    1x1 Conv on (N,m,1,1) pooled features (a convolutional classifier)."""
+    The last is "" for an (N,m) input, "transpose" for Gemm's transA=1 (an (m,N) input), "flatten" for a
+    1x1 Conv on (N,m,1,1) pooled features (a convolutional classifier) and "pool" for a 1x1 Conv on an
+    (N,m,h,w) map that global average pooling follows."""
     values, producers = interp.values, interp.producers
     name = output_name
     if not isinstance(values.get(name), Dyn):

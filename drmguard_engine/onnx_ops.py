@@ -908,6 +908,8 @@ def _gather_batch_blocks(ctx: Ctx, axis: int, idx: torch.Tensor) -> Fn:
                        "entries of its own block")
     flat = first.reshape(-1)
     inner = list(first.shape)
+    shape = ctx.shape(0)
+    ctx.check_size([*shape[:axis], fb, *inner, *shape[axis + 1:]])
 
     def fn(step: Step, a: list[Any]) -> torch.Tensor:
         x = a[0].unflatten(axis, (-1, k))
@@ -933,6 +935,7 @@ def prep_gather(ctx: Ctx) -> Fn:
         lo, hi = ids[0], ids[0] + len(ids)
         return lambda step, a: a[0].narrow(axis, lo, hi - lo)
     inner = list(idx.shape)
+    ctx.check_size([*shape[:axis], *inner, *shape[axis + 1:]])
 
     def fn(step: Step, a: list[Any]) -> torch.Tensor:
         y = a[0].index_select(axis, torch.tensor(ids, dtype=torch.long, device=a[0].device))

@@ -428,7 +428,9 @@ def _square_seed(model: nn.Module, fit: torch.Tensor, var_fit: torch.Tensor, cfg
     with torch.no_grad():
         seed.mask.fill_(-8.0)
         seed.mask[..., i : i + side, j : j + side] = 8.0
-        seed.pattern.copy_((colours[k].view(1, c, 1, 1) * 16.0 - 8.0).expand_as(seed.pattern))
+        # sigmoid(pattern) is the colour: logits of +-8 for 0 and 1, the exact logit for greys in between
+        seed.pattern.copy_(torch.logit(colours[k].clamp(3.4e-4, 1 - 3.4e-4)).view(1, c, 1, 1)
+                           .expand_as(seed.pattern))
     return seed
 
 

@@ -72,4 +72,24 @@ def test_square_search_settings_are_checked():
         ProbeConfig(patch_grid_images=1)
     model, x = ExactSquareGate().eval(), _images(20)
     with pytest.raises(ConfigError, match="no patch_grid_sides fit"):
-        run_probes(model, x, ProbeConfig(families=("patch",), steps=2, patch_grid=True, patch_grid_sides=(0.5,)))
+        run_probes(model, x, ProbeConfig(families=("patch",), steps=2, patch_grid=True,
+                                         patch_grid_sides=(0.5,)))
+
+
+def test_the_square_seed_of_a_greyscale_model_is_one_of_the_greys():
+    # one channel: the palette is the RGB corners' means (0, 1/3, 2/3, 1); the seeded probe paints one exactly
+    from drmguard_engine.defenses.probes import _square_seed
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    x = torch.rand(8, 1, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        var = model(x).var(0, unbiased=False)
+    seed = _square_seed(model, x, var, ProbeConfig(patch_grid_images=4), torch.zeros(1, 1, SIZE, SIZE), None)
+    with torch.no_grad():
+        grey = torch.sigmoid(seed.pattern).unique()
+        area = float(seed.patch_mask().mean())
+    assert grey.numel() == 1
+    assert min(abs(float(grey) - g) for g in (0.0, 1 / 3, 2 / 3, 1.0)) < 1e-3
+    assert 0.0 < area <= ProbeConfig().patch_area
