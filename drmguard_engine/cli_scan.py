@@ -20,7 +20,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report", required=True, help="where to write the JSON report")
     p.add_argument("--profile", default="default",
                    help="scan profile: default (ours, measured in docs/scan.md), paper (the method as written), "
-                        "fast (smaller budgets), reference")
+                        "fast (smaller budgets), reference, thorough (default plus a square-patch search)")
     p.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                    help="override a DRMGuard option (ablations), e.g. --set use_fsrt=false --set lambda2=600 "

@@ -17,6 +17,9 @@ Profiles (``list_profiles()``):
 * ``fast``: the ``default`` decision with smaller step budgets (quicker, less thorough; for smoke checks and CI).
 * ``reference``: ``default`` plus previously vetted clean models of the same family: thresholds are set relative
   to the references' own statistics (falls back to ``default`` without references).
+* ``thorough``: ``default`` plus an exhaustive search over solid square patches before the patch probe is kept
+  (``ProbeConfig.patch_grid``): slower (80-390 s more at 64 px on one core), for patches a network reads only at
+  their exact size and place; not yet checked on the whole clean zoo (docs/scan.md).
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def _default_drmguard(task: Task, steps: int) -> DRMGuardConfig:
     )
 
 
-PROFILES = ("paper", "default", "fast", "reference")
+PROFILES = ("paper", "default", "fast", "reference", "thorough")
 _DECISION_KEYS = ("probe_threshold", "collapse_threshold", "rigidity_threshold")
 RIGIDITY_THRESHOLD = 1.7
 
@@ -119,6 +122,11 @@ def get_profile(name: str, task: Task | str, **overrides: Any) -> ScanConfig:
     elif name in ("default", "reference"):
         cfg = ScanConfig(name, _default_drmguard(task, 100), ProbeConfig(steps=150), "combined",
                          rigidity_threshold=RIGIDITY_THRESHOLD)
+    elif name == "thorough":
+        # ``default`` plus the square-patch search of the patch probe (docs/scan.md, "torchvision networks
+        # trained from scratch"): catches patches a network reads only at their exact size and place
+        cfg = ScanConfig("thorough", _default_drmguard(task, 100), ProbeConfig(steps=150, patch_grid=True),
+                         "combined", rigidity_threshold=RIGIDITY_THRESHOLD)
     elif name == "fast":
         cfg = ScanConfig("fast", _default_drmguard(task, 50), ProbeConfig(steps=100),
                          "combined", rigidity_threshold=RIGIDITY_THRESHOLD)

@@ -93,3 +93,14 @@ def test_the_square_seed_of_a_greyscale_model_is_one_of_the_greys():
     assert grey.numel() == 1
     assert min(abs(float(grey) - g) for g in (0.0, 1 / 3, 2 / 3, 1.0)) < 1e-3
     assert 0.0 < area <= ProbeConfig().patch_area
+
+
+def test_the_thorough_profile_is_default_plus_the_square_search():
+    from drmguard_engine.scan import get_profile, list_profiles
+
+    assert "thorough" in list_profiles()
+    thorough, default = get_profile("thorough", "gaze"), get_profile("default", "gaze")
+    assert thorough.probes.patch_grid and not default.probes.patch_grid
+    assert thorough.probes.replace(patch_grid=False) == default.probes
+    assert (thorough.probe_threshold, thorough.rigidity_threshold) == (default.probe_threshold,
+                                                                      default.rigidity_threshold)
