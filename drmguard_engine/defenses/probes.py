@@ -396,8 +396,8 @@ def _square_seed(model: nn.Module, fit: torch.Tensor, var_fit: torch.Tensor, cfg
     colours = torch.tensor(list(itertools.product([0.0, 1.0], repeat=3)), device=fit.device)
     colours = colours if c == 3 else colours.mean(1, keepdim=True).unique(dim=0)
     cands = []
-    for frac in cfg.patch_grid_sides:
-        side = max(2, round(min(h, w) * frac))
+    # on small images two fractions can round to the same side: each side is tried once
+    for side in sorted({max(2, round(min(h, w) * frac)) for frac in cfg.patch_grid_sides}):
         if side * side > cfg.patch_area * h * w:
             continue  # larger than the probe's area budget
         rows = sorted({*range(0, h - side + 1, max(1, side // 2)), h - side})
