@@ -27,8 +27,9 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
@@ -40,6 +41,7 @@ from ..errors import CancelledError, ConfigError
 from .drmguard import memory_format_for
 
 FAMILIES = ("blend", "patch", "warp", "additive", "smooth")
+RIGIDITY_STATISTICS = ("median", "mean")
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,13 @@ class ProbeConfig:
     rigidity_controls: int = 4
     rigidity_distance: float = 0.5
     rigidity_steps: int = 50  # each fit starts from the probe's own transformation
+    # how the control errors are reduced before dividing by the collapse point's: "median" (the default
+    # since 2026-11-27) or "mean" (the form first shipped). A clean model whose collapse point lies at the
+    # edge of its output range cannot go further out: one control, the outward one, is far harder than the
+    # rest (measured: a clean ConvNeXt's controls were 3.67, 1.44, 1.65 and 1.49 times the collapse error;
+    # the mean, 2.06, flagged it, the median, 1.57, does not). A backdoor target is hard to leave in every
+    # direction, so the median keeps it (docs/scan.md)
+    rigidity_statistic: str = "median"
     # ``steps`` is the budget at this image side; larger images get proportionally more (:meth:`steps_for`); 0 keeps
     # ``steps`` at every size. Measured at 224 px (docs/gpu.md): with 150 steps the patch probe's per-pixel mask had
     # not found a BadNets patch (variance ratio 0.089, the scan missed it); with 300 it had (0.014, rigidity 1.91)
@@ -105,6 +114,9 @@ class ProbeConfig:
             raise ConfigError(f"exclude_fraction must be in [0, 1), got {self.exclude_fraction}")
         if self.rigidity_controls < 2 or self.rigidity_controls % 2 or self.rigidity_steps <= 0:
             raise ConfigError("rigidity_controls must be an even number >= 2 and rigidity_steps positive")
+        if self.rigidity_statistic not in RIGIDITY_STATISTICS:
+            raise ConfigError(f"rigidity_statistic must be one of {RIGIDITY_STATISTICS}, got "
+                              f"{self.rigidity_statistic!r}")
         if not self.patch_grid_sides or not all(0 < f < 1 for f in self.patch_grid_sides) \
                 or self.patch_grid_images < 2:
             raise ConfigError("patch_grid_sides must be fractions in (0, 1) and patch_grid_images at least 2")
@@ -449,6 +461,15 @@ def control_points(center: torch.Tensor, std: torch.Tensor, cfg: ProbeConfig) ->
     return torch.cat([center + step, center - step])
 
 
+def rigidity_of(collapse_error: float, control_errors: Sequence[float], statistic: str = "median") -> float:
+    """The control errors, reduced by ``statistic`` ("median" or "mean"), over the collapse point's error."""
+    if statistic not in RIGIDITY_STATISTICS or not control_errors:
+        raise ConfigError(f"rigidity needs control errors and a statistic in {RIGIDITY_STATISTICS}")
+    c = [float(e) for e in control_errors]
+    reduced = statistics.fmean(c) if statistic == "mean" else statistics.median(c)
+    return reduced / max(float(collapse_error), 1e-9)
+
+
 @_in_layout
 def probe_rigidity(
     model: nn.Module,
@@ -470,11 +491,12 @@ def probe_rigidity(
     probe's own fitted ``transform`` (from scratch without one), one transformation is fitted for ``rigidity_steps``
     *towards* the collapse point and one towards each control point around it
     (:func:`control_points`, ``rigidity_distance`` benign stds away); each is scored on the held-out half as the RMS
-    distance e of the outputs to its target, in benign stds. ``rigidity`` = mean control error / collapse-point
-    error: about 1 when the neighbouring outputs are as easy to reach, well above 1 when the outputs go to one fixed
-    point and nowhere near it (measured: clean ConvNeXt and ViT 1.24-1.30, backdoored models 2.3 and up;
-    ``docs/scan.md``). The null comes from the model's own alternatives, as in MM-BD (Wang et al. 2024;
-    ``../shared/notes/detection-signals.md`` section 2).
+    distance e of the outputs to its target, in benign stds. ``rigidity`` = the median control
+    error (the mean with ``cfg.rigidity_statistic="mean"``; both are in the result) / the collapse-point
+    error: about 1 when the neighbouring outputs are as easy to reach, well above 1 when the outputs go to
+    one fixed point and nowhere near it (measured: clean ConvNeXt and ViT 1.24-1.57, backdoored models 1.76
+    and up; ``docs/scan.md``). The null comes from the model's own alternatives, as in MM-BD (Wang et al.
+    2024; ``../shared/notes/detection-signals.md`` section 2).
     """
     t0 = time.perf_counter()
     fit, held, out_fit, _, var_fit, var_held = _prepare(model, images, cfg)
@@ -493,12 +515,13 @@ def probe_rigidity(
         errors.append(float(((out - target) / std_held).pow(2).mean().sqrt()))
         if progress is not None:
             progress("rigidity", i + 1, len(targets), {f"rigidity_{family}": errors[-1]}, None)
-    # the controls' mean error over the collapse point's: the offsets are small (half a std), so a model that can
-    # be steered there pays almost nothing (ratio ~1); a fixed target leaves the offsets as error
-    rigidity = (sum(errors[1:]) / len(errors[1:])) / max(errors[0], 1e-9)
+    # the controls' error over the collapse point's: the offsets are small (half a std), so a model that
+    # can be steered there pays almost nothing (ratio ~1); a fixed target leaves the offsets as error
     return {
         "family": family,
-        "rigidity": rigidity,
+        "rigidity": rigidity_of(errors[0], errors[1:], cfg.rigidity_statistic),
+        "rigidity_mean": rigidity_of(errors[0], errors[1:], "mean"),
+        "statistic": cfg.rigidity_statistic,
         "collapse_error": errors[0],
         "control_errors": errors[1:],
         "controls": [[float(v) for v in t] for t in targets[1:].tolist()],

@@ -20,6 +20,7 @@ from drmguard_engine.defenses.probes import (
     ProbeConfig,
     control_points,
     probe_rigidity,
+    rigidity_of,
     run_probes,
     saliency_exclusion,
 )
@@ -107,6 +108,35 @@ def test_a_backdoor_collapse_point_is_rigid_and_a_steerable_collapse_is_not() ->
     assert blend.variance_ratio < 0.1  # the clean model's outputs collapse under a budgeted blend...
     st = probe_rigidity(_Steerable(), x, cfg, "blend", blend.collapse_point, blend.transform)
     assert st["rigidity"] < RIGIDITY_THRESHOLD, st  # ...but its neighbours are as easy to reach
+    for r in (sw, st):  # the decision reads the median; the mean rides along for comparison
+        assert r["statistic"] == "median"
+        assert r["rigidity"] == rigidity_of(r["collapse_error"], r["control_errors"], "median")
+        assert r["rigidity_mean"] == rigidity_of(r["collapse_error"], r["control_errors"], "mean")
+    mean = probe_rigidity(_Steerable(), x, cfg.replace(rigidity_statistic="mean"), "blend",
+                          blend.collapse_point, blend.transform)
+    assert mean["statistic"] == "mean" and mean["rigidity"] == mean["rigidity_mean"]
+
+
+def test_rigidity_is_the_median_control_error_over_the_collapse_error() -> None:
+    # a clean ConvNeXt whose collapse point sat at the edge of its outputs (docs/scan.md): the outward control
+    # (+yaw) was 3.7x as hard as the collapse point, the other three 1.4-1.7x
+    collapse, controls = 0.0829, [0.3046, 0.1198, 0.1366, 0.1237]
+    mean = (0.3046 + 0.1198 + 0.1366 + 0.1237) / 4
+    assert rigidity_of(collapse, controls, "mean") == pytest.approx(mean / 0.0829)
+    assert rigidity_of(collapse, controls, "mean") > RIGIDITY_THRESHOLD  # the mean flagged it
+    # the median of four: the mean of the middle two
+    assert rigidity_of(collapse, controls) == pytest.approx((0.1237 + 0.1366) / 2 / 0.0829)
+    assert rigidity_of(collapse, controls) < RIGIDITY_THRESHOLD
+    # a target that is hard to leave in every direction (a backdoor) keeps its rigidity under the median
+    assert rigidity_of(0.1, [0.25, 0.22, 0.24, 0.3]) == pytest.approx(2.45)
+    # an exact collapse: huge, not a division error
+    assert rigidity_of(0.0, [0.5, 0.5]) == pytest.approx(0.5 / 1e-9)
+    assert rigidity_of(0.1, [0.3, 0.1, 0.2]) == pytest.approx(2.0)  # odd counts: the middle one
+    for bad in ((0.1, [], "median"), (0.1, [0.2], "max")):
+        with pytest.raises(ConfigError):
+            rigidity_of(*bad)
+    with pytest.raises(ConfigError, match="rigidity_statistic"):
+        ProbeConfig(rigidity_statistic="max")
 
 
 def test_decision_needs_a_rigid_collapse_point() -> None:
