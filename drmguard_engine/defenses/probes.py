@@ -448,11 +448,15 @@ def _square_seed(model: nn.Module, fit: torch.Tensor, var_fit: torch.Tensor, cfg
 
 def control_points(center: torch.Tensor, std: torch.Tensor, cfg: ProbeConfig) -> torch.Tensor:
     """(rigidity_controls, k) points at ``center`` +- ``rigidity_distance`` benign stds along
-    ``rigidity_controls / 2`` orthonormal directions (the output axes when k equals that number; seeded random
-    directions otherwise)."""
+    ``rigidity_controls / 2`` directions: the output axes when k equals that number; evenly spaced angles for
+    two outputs (gaze) and more directions (8 controls: every 45 degrees); seeded random unit directions
+    otherwise (orthonormal when there are no more of them than outputs)."""
     k, m = center.shape[0], cfg.rigidity_controls // 2
     if k == m:
         dirs = torch.eye(k)
+    elif k == 2:
+        angle = torch.arange(m, dtype=torch.float64) * (torch.pi / m)
+        dirs = torch.stack([angle.cos(), angle.sin()], 1).float()
     else:
         g = torch.Generator().manual_seed(cfg.seed + 7)
         dirs = torch.linalg.qr(torch.randn(max(k, m), max(k, m), generator=g))[0][:k, :m].T

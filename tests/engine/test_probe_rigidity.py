@@ -81,6 +81,11 @@ def test_control_points_sit_around_the_collapse_point() -> None:
     assert pts3.shape == (4, 3)
     assert torch.allclose(pts3.norm(dim=1), torch.full((4,), cfg.rigidity_distance), atol=1e-6)
     assert abs(float(pts3[0] @ pts3[1])) < 1e-6
+    pts8 = control_points(hat, std, cfg.replace(rigidity_controls=8))  # gaze, 8 controls: every 45 degrees
+    unit = (pts8 - hat) / std / cfg.rigidity_distance
+    angles = torch.rad2deg(torch.atan2(unit[:, 1], unit[:, 0])) % 360
+    assert sorted(round(float(a)) for a in angles) == [0, 45, 90, 135, 180, 225, 270, 315]
+    assert torch.allclose(pts8[[0, 2, 4, 6]], pts)  # the 4-control points are among them
 
 
 def test_saliency_exclusion_never_excludes_pixels_the_outputs_ignore() -> None:
