@@ -1,11 +1,13 @@
-"""What the real trigger does to a model: the variance ratio a perfect probe could reach, and how exact it must be.
+"""What the real trigger does to a model: the variance ratio a perfect probe could reach, and how exact
+the trigger must be.
 
-The scan's probes decide on the held-out output-variance ratio of a universal transformation (``docs/scan.md``).
-This applies the model's *real* trigger to D_be and reports the same statistic, so a miss can be read as either
-"the probe did not find the trigger" (the real trigger is below the 0.05 threshold) or "the backdoor does not
-collapse the outputs that far" (it is above: no probe of the rule could catch it). It also varies the trigger:
-its strength (x + s (T(x) - x) for s = 0.75, 0.5) and, for patch attacks, the patch's size and a shift towards
-the image centre, which shows whether the network keys on the exact template.
+The scan's probes decide on the held-out output-variance ratio of a universal transformation
+(``docs/scan.md``). This applies the model's *real* trigger to D_be and reports the same statistic, so a miss
+can be read as either "the probe did not find the trigger" (the real trigger is below the 0.05 threshold) or
+"the backdoor does not collapse the outputs that far" (it is above: no probe of the rule could catch it). It
+also varies the trigger: its strength (x + s (T(x) - x) for s = 0.75, 0.5) and, for patch attacks, the
+patch's size and a shift towards the image centre, which shows whether the network keys on the exact
+template.
 
 The attack is rebuilt with ``get_attack(kind, seed=...)`` as the training scripts build it
 (``benchmarks/heldout_archs.py``), or read from an ``attack.npz`` of the zoo (``--attack-file``).
@@ -39,7 +41,8 @@ def _outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([model(x[i : i + 100]) for i in range(0, x.shape[0], 100)])
 
 
-def variance_ratio(model: torch.nn.Module, clean: torch.Tensor, triggered: torch.Tensor) -> tuple[float, list]:
+def variance_ratio(model: torch.nn.Module, clean: torch.Tensor,
+                   triggered: torch.Tensor) -> tuple[float, list]:
     """Mean over outputs of Var f(T(x)) / Var f(x) (the probes' statistic) and the mean triggered output."""
     y0, y1 = _outputs(model, clean), _outputs(model, triggered)
     return float((y1.var(0) / y0.var(0).clamp_min(1e-12)).mean()), [round(float(v), 2) for v in y1.mean(0)]
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
                 v = get_attack(a.attack, task=a.task, image_shape=shape, seed=a.seed, patch_size=side + d)
                 rows[f"patch {side + d} px"] = variance_ratio(model, x, v.eval().apply(x))
         for m in (1, 2):
-            v = get_attack(a.attack, task=a.task, image_shape=shape, seed=a.seed, margin=cfg.get("margin", 0) + m)
+            v = get_attack(a.attack, task=a.task, image_shape=shape, seed=a.seed,
+                           margin=cfg.get("margin", 0) + m)
             rows[f"shifted {m} px"] = variance_ratio(model, x, v.eval().apply(x))
     if a.json:
         print(json.dumps({"model": str(a.model), **rows}))
