@@ -95,24 +95,29 @@ def gaze_benign() -> bytes:
     return benign_npz("gaze")
 
 
-@pytest.fixture
-def make_server(tmp_path: Path) -> Iterator[Callable[..., object]]:
+def start_server(data_dir: Path, **kw: object) -> object:
+    """A started GuardServer on a free loopback port with its store in ``data_dir``; ``kw`` override settings."""
     from guard_server.server import GuardServer
     from guard_server.settings import ServerSettings
 
-    started: list[GuardServer] = []
+    base = dict(listen="127.0.0.1:0", metrics_port=0, data_dir=str(data_dir), device="cpu",
+                workers=1, scan_threads=1, default_profile=TEST_PROFILE, shutdown_grace=2.0)
+    base.update(kw)
+    return GuardServer(ServerSettings(**base)).start()  # type: ignore[arg-type]
 
-    def make(data_dir: Path | None = None, **kw: object) -> GuardServer:
-        base = dict(listen="127.0.0.1:0", metrics_port=0, data_dir=str(data_dir or tmp_path / "data"), device="cpu",
-                    workers=1, scan_threads=1, default_profile=TEST_PROFILE, shutdown_grace=2.0)
-        base.update(kw)
-        srv = GuardServer(ServerSettings(**base)).start()  # type: ignore[arg-type]
+
+@pytest.fixture
+def make_server(tmp_path: Path) -> Iterator[Callable[..., object]]:
+    started: list[object] = []
+
+    def make(data_dir: Path | None = None, **kw: object) -> object:
+        srv = start_server(data_dir or tmp_path / "data", **kw)
         started.append(srv)
         return srv
 
     yield make
     for s in started:
-        s.stop(grace=1.0)
+        s.stop(grace=1.0)  # type: ignore[attr-defined]
 
 
 @pytest.fixture
