@@ -12,14 +12,15 @@ Profiles (``list_profiles()``):
   perturbation ratio. score = epsilon / ratio, so ``score >= 1`` iff ``ratio < epsilon``.
 * ``default``: our measured improvement (docs/scan.md): DRMGuard's reverse engineering with an identity-initialised
   residual generator and a per-output, dilated attention map, plus universal budgeted probes scored on held-out
-  images, each probe that collapses the outputs checked for a rigid collapse point (one target, not a steerable
+  images (the patch probe also starts from the best solid square of a screened search, ``ProbeConfig.patch_grid``),
+  each probe that collapses the outputs checked for a rigid collapse point (one target, not a steerable
   direction); the decision statistic is described in :func:`decide`.
-* ``fast``: the ``default`` decision with smaller step budgets (quicker, less thorough; for smoke checks and CI).
+* ``fast``: the ``default`` decision with smaller step budgets and no square search (quicker, less thorough: it
+  misses patches a network reads only at their exact size and place; for smoke checks and CI).
 * ``reference``: ``default`` plus previously vetted clean models of the same family: thresholds are set relative
   to the references' own statistics (falls back to ``default`` without references).
-* ``thorough``: ``default`` plus an exhaustive search over solid square patches before the patch probe is kept
-  (``ProbeConfig.patch_grid``): slower (80-390 s more at 64 px on one core), for patches a network reads only at
-  their exact size and place; not yet checked on the whole clean zoo (docs/scan.md).
+* ``thorough``: ``default`` with the square search unscreened (every candidate scored on all 6 search images:
+  about 3x the search's time, 66-243 s at 64 px on one core).
 """
 
 from __future__ import annotations
@@ -120,12 +121,14 @@ def get_profile(name: str, task: Task | str, **overrides: Any) -> ScanConfig:
     if name == "paper":
         cfg = ScanConfig("paper", _paper_drmguard(task), None, "epsilon")
     elif name in ("default", "reference"):
-        cfg = ScanConfig(name, _default_drmguard(task, 100), ProbeConfig(steps=150), "combined",
+        # the patch probe starts from the best solid square too (ProbeConfig.patch_grid, screened on 2 images):
+        # default since 2026-11-27, when the screen made it affordable (docs/scan.md, "The square search")
+        cfg = ScanConfig(name, _default_drmguard(task, 100), ProbeConfig(steps=150, patch_grid=True), "combined",
                          rigidity_threshold=RIGIDITY_THRESHOLD)
     elif name == "thorough":
-        # ``default`` plus the square-patch search of the patch probe (docs/scan.md, "torchvision networks
-        # trained from scratch"): catches patches a network reads only at their exact size and place
-        cfg = ScanConfig("thorough", _default_drmguard(task, 100), ProbeConfig(steps=150, patch_grid=True),
+        # ``default`` with the square search unscreened: every candidate scored on every search image
+        cfg = ScanConfig("thorough", _default_drmguard(task, 100),
+                         ProbeConfig(steps=150, patch_grid=True, patch_grid_screen=0),
                          "combined", rigidity_threshold=RIGIDITY_THRESHOLD)
     elif name == "fast":
         cfg = ScanConfig("fast", _default_drmguard(task, 50), ProbeConfig(steps=100),

@@ -81,16 +81,22 @@ class ProbeConfig:
     # not found a BadNets patch (variance ratio 0.089, the scan missed it); with 300 it had (0.014, rigidity 1.91)
     # and with 600 clearly (0.0027, rigidity 2.51), while three clean models stayed at 0.11 or more
     steps_reference_side: int = 64
-    # opt-in (not in the default decision yet): every solid square of these sides (fractions of the
-    # image side), at half-side spacing with the edges included, in the 8 corner colours of the RGB
-    # cube, is tried on ``patch_grid_images`` fit images; the patch probe is also refitted from the
-    # best square, and whichever fit collapses the fit half further is kept. For triggers a network
-    # reads only at their exact size and position (torchvision's MobileNet V3-small BadNets,
-    # docs/scan.md), which the annealed soft mask cannot reach. Costs 13,016 x patch_grid_images
-    # forward passes at 64 px
+    # the square search (on in the ``default`` and ``thorough`` profiles since 2026-11-27; off here and in
+    # ``fast``): every solid square of these sides (fractions of the image side), at half-side spacing with the
+    # edges included, in the 8 corner colours of the RGB cube, is tried on ``patch_grid_images`` fit images; the
+    # patch probe is also refitted from the best square, and whichever fit collapses the fit half further is kept.
+    # For triggers a network reads only at their exact size and position (torchvision's MobileNet V3-small,
+    # ShuffleNet V2 and RegNet-Y BadNets, docs/scan.md), which the annealed soft mask cannot reach. 13,016
+    # candidates at any image size
     patch_grid: bool = False
     patch_grid_sides: tuple[float, ...] = (0.07, 0.10, 0.14)
     patch_grid_images: int = 6
+    # the search screens every candidate on this many of those images (the ones whose outputs lie furthest apart)
+    # and scores only the ``patch_grid_keep`` best on all of them; 0 scores every candidate on every image.
+    # Measured on four BadNets models (benchmarks/patch_screen.py, docs/scan.md "The square search"): the same
+    # square won, ranked at most 6th by the 2-image screen, in 2.8-3.0x less time
+    patch_grid_screen: int = 2
+    patch_grid_keep: int = 256
     seed: int = 0
     # the layout of the model and images while probes are fitted: "contiguous" (default), "channels_last", or "auto"
     # (channels-last on CUDA only, as DRMGuardConfig.memory_format). Only the summation order changes
@@ -120,6 +126,8 @@ class ProbeConfig:
         if not self.patch_grid_sides or not all(0 < f < 1 for f in self.patch_grid_sides) \
                 or self.patch_grid_images < 2:
             raise ConfigError("patch_grid_sides must be fractions in (0, 1) and patch_grid_images at least 2")
+        if self.patch_grid_screen < 0 or self.patch_grid_screen == 1 or self.patch_grid_keep < 1:
+            raise ConfigError("patch_grid_screen must be 0 (no screen) or at least 2, and patch_grid_keep at least 1")
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
             raise ConfigError(f"memory_format must be 'auto', 'channels_last' or 'contiguous', got "
                               f"{self.memory_format!r}")
@@ -399,13 +407,11 @@ def _fit_ratio(model: nn.Module, probe: nn.Module, fit: torch.Tensor, var_fit: t
         return float((out.var(0, unbiased=False) / var_fit).mean())
 
 
-def _square_seed(model: nn.Module, fit: torch.Tensor, var_fit: torch.Tensor, cfg: ProbeConfig,
-                 exclude: torch.Tensor, cancel: Any) -> _Probe:
-    """A patch probe set to the solid square (``ProbeConfig.patch_grid``) that collapses a few fit images
-    most."""
-    c, h, w = fit.shape[1:]
-    sub = fit[: cfg.patch_grid_images]
-    colours = torch.tensor(list(itertools.product([0.0, 1.0], repeat=3)), device=fit.device)
+def square_candidates(shape: Sequence[int], cfg: ProbeConfig) -> tuple[list[tuple[int, int, int, int]], torch.Tensor]:
+    """The square search's candidates ``(side, row, col, colour index)`` for images of ``shape`` (c, h, w), and
+    the colours: the 8 corner colours of the RGB cube (black and white for greyscale)."""
+    c, h, w = shape
+    colours = torch.tensor(list(itertools.product([0.0, 1.0], repeat=3)))
     colours = colours if c == 3 else colours.mean(1, keepdim=True).unique(dim=0)
     cands = []
     # on small images two fractions can round to the same side: each side is tried once
@@ -417,25 +423,99 @@ def _square_seed(model: nn.Module, fit: torch.Tensor, var_fit: torch.Tensor, cfg
         cands += [(side, i, j, k) for i in rows for j in cols for k in range(colours.shape[0])]
     if not cands:
         raise ConfigError(f"no patch_grid_sides fit the patch area budget {cfg.patch_area}")
-    best, best_ratio = cands[0], float("inf")
-    keep = 1 - exclude
+    return cands, colours
+
+
+def square_outputs(model: nn.Module, images: torch.Tensor, cands: Sequence[tuple[int, int, int, int]],
+                   colours: torch.Tensor, keep: torch.Tensor, cancel: Any,
+                   layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """The model's outputs, (candidates, images, outputs), on ``images`` with each candidate square pasted in
+    (outside the saliency exclusion: ``keep`` is 1 where a probe may write); the batches are built in ``layout``,
+    which should be the model's (:func:`_faster_layout`)."""
+    n_img, (c, h, w) = images.shape[0], images.shape[1:]
+    colours = colours.to(images.device, images.dtype)
+    per = max(1, 384 // n_img)  # about 384 images per forward pass, whatever the number of images
+    outs = []
     with torch.no_grad():
-        for start in range(0, len(cands), 64):
+        for start in range(0, len(cands), per):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("scan cancelled")
-            chunk = cands[start : start + 64]
-            masks = torch.zeros(len(chunk), 1, 1, h, w, device=fit.device)
+            chunk = cands[start : start + per]
+            masks = torch.zeros(len(chunk), 1, 1, h, w, device=images.device, dtype=images.dtype)
             for n, (side, i, j, _) in enumerate(chunk):
                 masks[n, ..., i : i + side, j : j + side] = 1
             masks = masks * keep
             pats = colours[[k for *_, k in chunk]].view(len(chunk), 1, c, 1, 1)
-            xs = (sub[None] * (1 - masks) + masks * pats).flatten(0, 1)
-            y = model(xs).view(len(chunk), sub.shape[0], -1)
-            ratios = (y.var(1, unbiased=False) / var_fit).mean(1)
-            n = int(ratios.argmin())
-            if float(ratios[n]) < best_ratio:
-                best, best_ratio = chunk[n], float(ratios[n])
-    side, i, j, k = best
+            xs = (images[None] * (1 - masks) + masks * pats).flatten(0, 1).contiguous(memory_format=layout)
+            outs.append(model(xs).reshape(len(chunk), n_img, -1).float())
+    return torch.cat(outs)
+
+
+def spread_images(outputs: torch.Tensor, var: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of ``k`` images whose outputs lie furthest apart (in benign stds): the one furthest from the mean,
+    then, greedily, the one furthest from those chosen. A square that does not touch what the model reads leaves
+    their spread as it is; only a shortcut pulls them together, so they rank candidates best."""
+    z = outputs.float() / var.float().sqrt()
+    chosen = [int((z - z.mean(0)).norm(dim=1).argmax())]
+    nearest = (z - z[chosen[0]]).norm(dim=1)
+    while len(chosen) < min(k, z.shape[0]):
+        chosen.append(int(nearest.argmax()))
+        nearest = torch.minimum(nearest, (z - z[chosen[-1]]).norm(dim=1))
+    return torch.tensor(chosen)
+
+
+def _faster_layout(model: nn.Module, x: torch.Tensor) -> torch.memory_format:
+    """The layout in which ``model`` runs inference on batches like ``x`` faster, for a contiguous model on the
+    CPU: channels-last convolutions were 1.3-1.8x faster on a full-width ResNet18 at 64 px (2026-11-27) but are not
+    on every network, so one batch is timed in each layout (after a warm-up) and the outputs compared; the model is
+    left contiguous. Channels-last is kept only if it is faster and gives the same outputs (to float tolerance)."""
+    if x.device.type != "cpu" or x.dim() != 4:
+        return torch.contiguous_format
+    seconds, outs = {}, {}
+    try:
+        for layout in (torch.contiguous_format, torch.channels_last):
+            model.to(memory_format=layout)
+            xl = x.contiguous(memory_format=layout)
+            with torch.no_grad():
+                model(xl)
+                t0 = time.perf_counter()
+                outs[layout] = model(xl).float()
+                seconds[layout] = time.perf_counter() - t0
+    except RuntimeError:  # an op of this network that does not take channels-last tensors: stay contiguous
+        return torch.contiguous_format
+    finally:
+        model.to(memory_format=torch.contiguous_format)
+    a, b = outs[torch.contiguous_format], outs[torch.channels_last]
+    same = bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max().clamp_min(1.0))))
+    faster = seconds[torch.channels_last] < 0.9 * seconds[torch.contiguous_format]
+    return torch.channels_last if (same and faster) else torch.contiguous_format
+
+
+def _square_seed(model: nn.Module, fit: torch.Tensor, var_fit: torch.Tensor, cfg: ProbeConfig,
+                 exclude: torch.Tensor, cancel: Any) -> _Probe:
+    """A patch probe set to the solid square (``ProbeConfig.patch_grid``) that collapses a few fit images
+    most. With ``patch_grid_screen`` (k), every candidate is first scored on the k of those images whose outputs
+    lie furthest apart, and only the ``patch_grid_keep`` best go on to all of them."""
+    c, h, w = fit.shape[1:]
+    sub = fit[: cfg.patch_grid_images]
+    cands, colours = square_candidates((c, h, w), cfg)
+    keep = 1 - exclude
+    # the search is inference only: on the CPU, in whichever layout this network runs faster
+    layout = torch.contiguous_format
+    if cfg.memory_format == "contiguous":
+        layout = _faster_layout(model, sub[torch.arange(96) % sub.shape[0]])
+    model.to(memory_format=layout)
+    try:
+        if 2 <= cfg.patch_grid_screen < sub.shape[0] and cfg.patch_grid_keep < len(cands):
+            idx = spread_images(_outputs(model, sub), var_fit, cfg.patch_grid_screen).to(sub.device)
+            y = square_outputs(model, sub[idx], cands, colours, keep, cancel, layout)
+            top = (y.var(1, unbiased=False) / var_fit).mean(1).argsort()[: cfg.patch_grid_keep]
+            cands = [cands[n] for n in top.tolist()]
+        y = square_outputs(model, sub, cands, colours, keep, cancel, layout)
+    finally:
+        if layout is not torch.contiguous_format:
+            model.to(memory_format=torch.contiguous_format)
+    side, i, j, k = cands[int((y.var(1, unbiased=False) / var_fit).mean(1).argmin())]
     seed = _Probe("patch", (c, h, w), cfg, exclude).to(fit.device)
     with torch.no_grad():
         seed.mask.fill_(-8.0)
@@ -443,6 +523,7 @@ def _square_seed(model: nn.Module, fit: torch.Tensor, var_fit: torch.Tensor, cfg
         # sigmoid(pattern) is the colour: logits of +-8 for 0 and 1, the exact logit for greys in between
         seed.pattern.copy_(torch.logit(colours[k].clamp(3.4e-4, 1 - 3.4e-4)).view(1, c, 1, 1)
                            .expand_as(seed.pattern))
+    seed.square = (side, i, j, [float(v) for v in colours[k].tolist()])
     return seed
 
 

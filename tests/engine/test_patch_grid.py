@@ -1,4 +1,4 @@
-"""The opt-in square-patch search of the patch probe (``ProbeConfig.patch_grid``, docs/scan.md).
+"""The square-patch search of the patch probe (``ProbeConfig.patch_grid``, docs/scan.md), screened and not.
 
 The model under test has a backdoor that reads a red 3 px square only at its exact place: one pixel off, or a
 red pixel next to it, and the gate stays shut. Below the threshold its gate gives no gradient, so the annealed
@@ -60,9 +60,38 @@ def test_the_annealed_patch_probe_misses_it_and_the_square_search_finds_it():
     cfg = dict(families=("patch",), exclude_fraction=0.0, steps=60, batch_size=30)
     (plain,) = run_probes(model, x, ProbeConfig(**cfg))
     assert plain.variance_ratio > 0.2
-    (found,) = run_probes(model, x, ProbeConfig(**cfg, patch_grid=True, patch_grid_images=4))
-    assert found.variance_ratio < 0.01
-    assert torch.allclose(torch.tensor(found.collapse_point), TARGET, atol=0.2)
+    # screened on 2 of the 4 search images (the default), and unscreened (the thorough profile)
+    for screen in (2, 0):
+        (found,) = run_probes(model, x, ProbeConfig(**cfg, patch_grid=True, patch_grid_images=4,
+                                                    patch_grid_screen=screen))
+        assert found.variance_ratio < 0.01, screen
+        assert torch.allclose(torch.tensor(found.collapse_point), TARGET, atol=0.2)
+
+
+def test_the_screen_keeps_the_square_the_full_search_finds():
+    from drmguard_engine.defenses.probes import _square_seed
+
+    model, x = ExactSquareGate().eval(), _images(12)
+    with torch.no_grad():
+        var = model(x).var(0, unbiased=False)
+    found = {}
+    for screen, keep in ((0, 256), (2, 256), (3, 16)):
+        cfg = ProbeConfig(patch_grid_images=6, patch_grid_screen=screen, patch_grid_keep=keep)
+        found[screen] = _square_seed(model, x, var, cfg, torch.zeros(1, 1, SIZE, SIZE), None).square
+    assert found[0][:3] == (SIDE, TOP, LEFT) and found[0][3] == [1.0, 0.0, 0.0]
+    assert found[2] == found[0] and found[3] == found[0]
+
+
+def test_spread_images_picks_the_outputs_furthest_apart():
+    from drmguard_engine.defenses.probes import spread_images
+
+    out = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [0.0, 0.2], [-4.0, 0.0], [0.0, 3.0]])
+    var = torch.tensor([1.0, 1.0])
+    # (5, 0) is furthest from the mean (0.18, 0.53); then (-4, 0) from it; then (0, 3), furthest from both
+    assert spread_images(out, var, 3).tolist() == [2, 4, 5]
+    # in benign stds: with the second output's variance 0.01, (0, 3) is 30 stds out and comes first
+    assert spread_images(out, torch.tensor([1.0, 0.01]), 2).tolist()[0] == 5
+    assert spread_images(out, var, 10).tolist() == spread_images(out, var, 6).tolist()  # at most every image
 
 
 def test_square_search_settings_are_checked():
@@ -70,6 +99,10 @@ def test_square_search_settings_are_checked():
         ProbeConfig(patch_grid_sides=(0.0,))
     with pytest.raises(ConfigError, match="patch_grid_images"):
         ProbeConfig(patch_grid_images=1)
+    with pytest.raises(ConfigError, match="patch_grid_screen"):
+        ProbeConfig(patch_grid_screen=1)  # a screen of one image has no variance
+    with pytest.raises(ConfigError, match="patch_grid_keep"):
+        ProbeConfig(patch_grid_keep=0)
     model, x = ExactSquareGate().eval(), _images(20)
     with pytest.raises(ConfigError, match="no patch_grid_sides fit"):
         run_probes(model, x, ProbeConfig(families=("patch",), steps=2, patch_grid=True,
@@ -95,12 +128,16 @@ def test_the_square_seed_of_a_greyscale_model_is_one_of_the_greys():
     assert 0.0 < area <= ProbeConfig().patch_area
 
 
-def test_the_thorough_profile_is_default_plus_the_square_search():
+def test_default_screens_the_square_search_thorough_does_not_and_fast_has_none():
     from drmguard_engine.scan import get_profile, list_profiles
 
     assert "thorough" in list_profiles()
-    thorough, default = get_profile("thorough", "gaze"), get_profile("default", "gaze")
-    assert thorough.probes.patch_grid and not default.probes.patch_grid
-    assert thorough.probes.replace(patch_grid=False) == default.probes
+    thorough, default, fast = (get_profile(p, "gaze") for p in ("thorough", "default", "fast"))
+    assert default.probes.patch_grid and default.probes.patch_grid_screen == 2
+    assert thorough.probes.patch_grid and thorough.probes.patch_grid_screen == 0
+    assert thorough.probes.replace(patch_grid_screen=2) == default.probes
+    assert not fast.probes.patch_grid
     assert (thorough.probe_threshold, thorough.rigidity_threshold) == (default.probe_threshold,
                                                                       default.rigidity_threshold)
+    # the ablation switch turns it off
+    assert not get_profile("default", "gaze", probe_patch_grid=False).probes.patch_grid

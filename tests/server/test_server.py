@@ -262,12 +262,12 @@ def test_fixed_batch_model_is_vetted_and_served_at_any_multiple_of_its_batch(ser
 
 
 def test_a_registry_can_ask_for_the_thorough_profile(server, stub, gaze_model, gaze_benign) -> None:
-    """``profile: "thorough"`` in VetModel's header runs ``default`` plus the square-patch search to a verdict."""
+    """``profile: "thorough"`` in VetModel's header runs ``default`` with the square search unscreened."""
     s = wait_final(stub, stub.VetModel(vet_requests("cabin-thorough", "1", gaze_model, gaze_benign,
                                                     profile="thorough")).scan_id, timeout=170)
     assert s.state in (pb.STATE_ADMITTED, pb.STATE_REJECTED), s.reason
     assert s.profile == "thorough"
     report = json.loads(s.report_json)
     assert report["profile"] == "thorough"
-    assert report["config"]["probes"]["patch_grid"] is True
+    assert report["config"]["probes"]["patch_grid"] is True and report["config"]["probes"]["patch_grid_screen"] == 0
     assert "patch" in {p["family"] for p in report["probes"]}
