@@ -126,6 +126,9 @@ class ProbeConfig:
         if not self.patch_grid_sides or not all(0 < f < 1 for f in self.patch_grid_sides) \
                 or self.patch_grid_images < 2:
             raise ConfigError("patch_grid_sides must be fractions in (0, 1) and patch_grid_images at least 2")
+        if all(f * f > self.patch_area for f in self.patch_grid_sides):
+            raise ConfigError(f"no patch_grid_sides fit the patch area budget {self.patch_area}: a side fraction f "
+                              f"needs f * f <= {self.patch_area}")
         if self.patch_grid_screen < 0 or self.patch_grid_screen == 1 or self.patch_grid_keep < 1:
             raise ConfigError("patch_grid_screen must be 0 (no screen) or at least 2, and patch_grid_keep at least 1")
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
@@ -370,10 +373,11 @@ def run_probes(
         probe = _fit(model, family, fit, var_fit, cfg, exclude, None, steps,
                      cfg.seed * 1009 + FAMILIES.index(family) + 1, cancel, tick)
         fit_ratio = _fit_ratio(model, probe, fit, var_fit)
-        if family == "patch" and cfg.patch_grid:
+        square = _square_seed(model, fit, var_fit, cfg, probe.exclude, cancel) \
+            if family == "patch" and cfg.patch_grid else None
+        if square is not None:  # (None: images too small for any square within the area budget)
             seeded = _fit(model, family, fit, var_fit, cfg, exclude, None, max(1, steps // 3),
-                          cfg.seed * 1009 + 97, cancel, None,
-                          init=_square_seed(model, fit, var_fit, cfg, probe.exclude, cancel))
+                          cfg.seed * 1009 + 97, cancel, None, init=square)
             seeded_ratio = _fit_ratio(model, seeded, fit, var_fit)
             if seeded_ratio < fit_ratio:
                 probe, fit_ratio = seeded, seeded_ratio
@@ -421,9 +425,7 @@ def square_candidates(shape: Sequence[int], cfg: ProbeConfig) -> tuple[list[tupl
         rows = sorted({*range(0, h - side + 1, max(1, side // 2)), h - side})
         cols = sorted({*range(0, w - side + 1, max(1, side // 2)), w - side})
         cands += [(side, i, j, k) for i in rows for j in cols for k in range(colours.shape[0])]
-    if not cands:
-        raise ConfigError(f"no patch_grid_sides fit the patch area budget {cfg.patch_area}")
-    return cands, colours
+    return cands, colours  # none on images too small for a 2 px square within the area budget
 
 
 def square_outputs(model: nn.Module, images: torch.Tensor, cands: Sequence[tuple[int, int, int, int]],
@@ -492,13 +494,16 @@ def _faster_layout(model: nn.Module, x: torch.Tensor) -> torch.memory_format:
 
 
 def _square_seed(model: nn.Module, fit: torch.Tensor, var_fit: torch.Tensor, cfg: ProbeConfig,
-                 exclude: torch.Tensor, cancel: Any) -> _Probe:
+                 exclude: torch.Tensor, cancel: Any) -> _Probe | None:
     """A patch probe set to the solid square (``ProbeConfig.patch_grid``) that collapses a few fit images
-    most. With ``patch_grid_screen`` (k), every candidate is first scored on the k of those images whose outputs
-    lie furthest apart, and only the ``patch_grid_keep`` best go on to all of them."""
+    most, or ``None`` when no square fits the area budget on images this small. With ``patch_grid_screen`` (k),
+    every candidate is first scored on the k of those images whose outputs lie furthest apart, and only the
+    ``patch_grid_keep`` best go on to all of them."""
     c, h, w = fit.shape[1:]
     sub = fit[: cfg.patch_grid_images]
     cands, colours = square_candidates((c, h, w), cfg)
+    if not cands:
+        return None
     keep = 1 - exclude
     # the search is inference only: on the CPU, in whichever layout this network runs faster
     layout = torch.contiguous_format

@@ -103,10 +103,23 @@ def test_square_search_settings_are_checked():
         ProbeConfig(patch_grid_screen=1)  # a screen of one image has no variance
     with pytest.raises(ConfigError, match="patch_grid_keep"):
         ProbeConfig(patch_grid_keep=0)
-    model, x = ExactSquareGate().eval(), _images(20)
     with pytest.raises(ConfigError, match="no patch_grid_sides fit"):
-        run_probes(model, x, ProbeConfig(families=("patch",), steps=2, patch_grid=True,
-                                         patch_grid_sides=(0.5,)))
+        ProbeConfig(patch_grid=True, patch_grid_sides=(0.5,))  # a square of half the side is 25% of the image
+
+
+def test_images_too_small_for_any_square_skip_the_search():
+    # at 8 px the smallest square (2 px, 6% of the area) is over the 2% budget: the soft-mask fit stands alone
+    from drmguard_engine.defenses.probes import _square_seed, square_candidates
+
+    cfg = ProbeConfig(families=("patch",), steps=5, batch_size=8, exclude_fraction=0.0, patch_grid=True)
+    assert square_candidates((3, 8, 8), cfg)[0] == []
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 2)).eval()
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    assert _square_seed(model, x, torch.ones(2), cfg, torch.zeros(1, 1, 8, 8), None) is None
+    (plain,) = run_probes(model, x, cfg.replace(patch_grid=False))
+    (searched,) = run_probes(model, x, cfg)
+    assert searched.variance_ratio == pytest.approx(plain.variance_ratio)
 
 
 def test_the_square_seed_of_a_greyscale_model_is_one_of_the_greys():
