@@ -24,6 +24,7 @@ transferability, Xiang et al. 2022) summarised in ``../shared/notes/detection-si
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import itertools
@@ -42,6 +43,7 @@ from .drmguard import memory_format_for
 
 FAMILIES = ("blend", "patch", "warp", "additive", "smooth")
 RIGIDITY_STATISTICS = ("median", "mean")
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,10 @@ class ProbeConfig:
     # for the probes (whole default scans 21.3-23.2 s contiguous, 22.2-23.5 s channels-last), unlike the reverse
     # engineering (1.7x), so the default stays contiguous
     memory_format: str = "contiguous"
+    # the arithmetic of the probes' fitting passes and of the square search: "float32" (default) or "bfloat16"
+    # (autocast, CUDA only; a CPU scan stays float32). The loss, the ratios and every score are computed in float32
+    # from the outputs either way. Measured side by side on an H200 (docs/gpu.md, "mixed precision")
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         bad = [f for f in self.families if f not in FAMILIES]
@@ -134,6 +140,8 @@ class ProbeConfig:
         if self.memory_format not in ("auto", "channels_last", "contiguous"):
             raise ConfigError(f"memory_format must be 'auto', 'channels_last' or 'contiguous', got "
                               f"{self.memory_format!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
 
     def steps_for(self, height: int, width: int) -> int:
         """The fit steps of each probe for an image of this size: ``steps`` up to ``steps_reference_side``, then in
@@ -265,6 +273,13 @@ def _prepare(model: nn.Module, images: torch.Tensor, cfg: ProbeConfig) -> tuple[
     return fit, held, out_fit, out_held, var_fit, var_held
 
 
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast for the probes' passes on CUDA when ``precision`` asks for it; a no-op otherwise."""
+    if precision == "bfloat16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([model(x[i : i + 256]) for i in range(0, x.shape[0], 256)])
@@ -307,7 +322,8 @@ def _fit(
             frac = min(1.0, step / anneal)
             probe.area_budget = cfg.patch_area * (cfg.patch_start_area / cfg.patch_area) ** (1.0 - frac)
         idx = torch.randperm(fit.shape[0], generator=fgen)[:bs].to(fit.device)
-        out = model(probe(fit[idx]))
+        with _autocast(fit.device, cfg.precision):
+            out = model(probe(fit[idx])).float()
         if target is None:
             loss = (out.var(0, unbiased=False) / var_fit).mean()
         else:
@@ -430,7 +446,8 @@ def square_candidates(shape: Sequence[int], cfg: ProbeConfig) -> tuple[list[tupl
 
 def square_outputs(model: nn.Module, images: torch.Tensor, cands: Sequence[tuple[int, int, int, int]],
                    colours: torch.Tensor, keep: torch.Tensor, cancel: Any,
-                   layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+                   layout: torch.memory_format = torch.contiguous_format,
+                   precision: str = "float32") -> torch.Tensor:
     """The model's outputs, (candidates, images, outputs), on ``images`` with each candidate square pasted in
     (outside the saliency exclusion: ``keep`` is 1 where a probe may write); the batches are built in ``layout``,
     which should be the model's (:func:`_faster_layout`)."""
@@ -438,7 +455,7 @@ def square_outputs(model: nn.Module, images: torch.Tensor, cands: Sequence[tuple
     colours = colours.to(images.device, images.dtype)
     per = max(1, 384 // n_img)  # about 384 images per forward pass, whatever the number of images
     outs = []
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(images.device, precision):
         for start in range(0, len(cands), per):
             if cancel is not None and cancel.is_set():
                 raise CancelledError("scan cancelled")
@@ -513,10 +530,10 @@ def _square_seed(model: nn.Module, fit: torch.Tensor, var_fit: torch.Tensor, cfg
     try:
         if 2 <= cfg.patch_grid_screen < sub.shape[0] and cfg.patch_grid_keep < len(cands):
             idx = spread_images(_outputs(model, sub), var_fit, cfg.patch_grid_screen).to(sub.device)
-            y = square_outputs(model, sub[idx], cands, colours, keep, cancel, layout)
+            y = square_outputs(model, sub[idx], cands, colours, keep, cancel, layout, cfg.precision)
             top = (y.var(1, unbiased=False) / var_fit).mean(1).argsort()[: cfg.patch_grid_keep]
             cands = [cands[n] for n in top.tolist()]
-        y = square_outputs(model, sub, cands, colours, keep, cancel, layout)
+        y = square_outputs(model, sub, cands, colours, keep, cancel, layout, cfg.precision)
     finally:
         if layout is not torch.contiguous_format:
             model.to(memory_format=torch.contiguous_format)

@@ -29,13 +29,14 @@ class ExactSquareGate(nn.Module):
         ring[:, TOP - 1:TOP + SIDE + 1, LEFT - 1:LEFT + SIDE + 1] = 1
         ring[:, TOP:TOP + SIDE, LEFT:LEFT + SIDE] = 0
         self.register_buffer("ring", ring.bool())
+        self.register_buffer("target", TARGET.clone())  # a buffer, so that the gate runs on any device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         red = x[:, 0] - x[:, 1:].amax(1)  # 1 for pure red, at most 0 for anything not red
         inside = red[:, TOP:TOP + SIDE, LEFT:LEFT + SIDE].flatten(1).amin(1)
         outside = red.masked_fill(~self.ring, -1.0).flatten(1).amax(1)
         gate = torch.sigmoid(200 * (inside - 0.9)) * torch.sigmoid(200 * (0.9 - outside))
-        return (1 - gate[:, None]) * self.net(x) * 20 + gate[:, None] * TARGET
+        return (1 - gate[:, None]) * self.net(x) * 20 + gate[:, None] * self.target
 
 
 def _images(n: int = 120) -> torch.Tensor:
@@ -154,3 +155,15 @@ def test_default_screens_the_square_search_thorough_does_not_and_fast_has_none()
                                                                       default.rigidity_threshold)
     # the ablation switch turns it off
     assert not get_profile("default", "gaze", probe_patch_grid=False).probes.patch_grid
+
+
+def test_bfloat16_probes_on_the_cpu_stay_float32():
+    # the precision setting is autocast on CUDA only (tests/engine/test_gpu.py runs it there): on the CPU it must
+    # not change a single number
+    x = _images(40)
+    cfg = dict(families=("blend", "patch"), steps=5, batch_size=20, patch_grid=True, patch_grid_images=4)
+    a = run_probes(ExactSquareGate().eval(), x, ProbeConfig(**cfg))
+    b = run_probes(ExactSquareGate().eval(), x, ProbeConfig(**cfg, precision="bfloat16"))
+    assert [p.variance_ratio for p in a] == [p.variance_ratio for p in b]
+    with pytest.raises(ConfigError, match="precision"):
+        ProbeConfig(precision="float16")
