@@ -33,18 +33,14 @@ sys.path.insert(0, str(ROOT))
 from drmguard_engine.attacks import get_attack, load_attack  # noqa: E402
 from drmguard_engine.attacks.patch import PatchConfig, patch_side  # noqa: E402
 from drmguard_engine.data.benign import load_benign_npz  # noqa: E402
+from drmguard_engine.defenses.probes import outputs  # noqa: E402
 from drmguard_engine.onnx_io import load_onnx_model  # noqa: E402
-
-
-def _outputs(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(x[i : i + 100]) for i in range(0, x.shape[0], 100)])
 
 
 def variance_ratio(model: torch.nn.Module, clean: torch.Tensor,
                    triggered: torch.Tensor) -> tuple[float, list]:
     """Mean over outputs of Var f(T(x)) / Var f(x) (the probes' statistic) and the mean triggered output."""
-    y0, y1 = _outputs(model, clean), _outputs(model, triggered)
+    y0, y1 = outputs(model, clean), outputs(model, triggered)
     return float((y1.var(0) / y0.var(0).clamp_min(1e-12)).mean()), [round(float(v), 2) for v in y1.mean(0)]
 
 

@@ -108,7 +108,9 @@ class ProbeConfig:
     memory_format: str = "contiguous"
     # the arithmetic of the probes' fitting passes and of the square search: "float32" (default) or "bfloat16"
     # (autocast, CUDA only; a CPU scan stays float32). The loss, the ratios and every score are computed in float32
-    # from the outputs either way. Measured side by side on an H200 (docs/gpu.md, "mixed precision")
+    # from the outputs either way. Measured side by side on an H200 (docs/gpu.md, "The run of 2026-11-27"): the same
+    # verdicts on 5 models, scores within 1.5% on the backdoored ones, and no gain in time (the fit steps are bound by
+    # kernel launches, not arithmetic), so float32 stays the default
     precision: str = "float32"
 
     def __post_init__(self) -> None:
@@ -267,7 +269,7 @@ def _prepare(model: nn.Module, images: torch.Tensor, cfg: ProbeConfig) -> tuple[
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    out_fit, out_held = _outputs(model, fit), _outputs(model, held)
+    out_fit, out_held = outputs(model, fit), outputs(model, held)
     var_fit = out_fit.var(0, unbiased=False).clamp_min(1e-12)
     var_held = out_held.var(0, unbiased=False).clamp_min(1e-12)
     return fit, held, out_fit, out_held, var_fit, var_held
@@ -280,7 +282,8 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     return contextlib.nullcontext()
 
 
-def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's outputs on ``x``, in batches of 256, without gradients."""
     with torch.no_grad():
         return torch.cat([model(x[i : i + 256]) for i in range(0, x.shape[0], 256)])
 
@@ -389,7 +392,7 @@ def run_probes(
         probe = _fit(model, family, fit, var_fit, cfg, exclude, None, steps,
                      cfg.seed * 1009 + FAMILIES.index(family) + 1, cancel, tick)
         fit_ratio = _fit_ratio(model, probe, fit, var_fit)
-        square = _square_seed(model, fit, var_fit, cfg, probe.exclude, cancel) \
+        square = _square_seed(model, fit, var_fit, cfg, probe.exclude, cancel, out_fit) \
             if family == "patch" and cfg.patch_grid else None
         if square is not None:  # (None: images too small for any square within the area budget)
             seeded = _fit(model, family, fit, var_fit, cfg, exclude, None, max(1, steps // 3),
@@ -511,11 +514,12 @@ def _faster_layout(model: nn.Module, x: torch.Tensor) -> torch.memory_format:
 
 
 def _square_seed(model: nn.Module, fit: torch.Tensor, var_fit: torch.Tensor, cfg: ProbeConfig,
-                 exclude: torch.Tensor, cancel: Any) -> _Probe | None:
+                 exclude: torch.Tensor, cancel: Any, out_fit: torch.Tensor | None = None) -> _Probe | None:
     """A patch probe set to the solid square (``ProbeConfig.patch_grid``) that collapses a few fit images
     most, or ``None`` when no square fits the area budget on images this small. With ``patch_grid_screen`` (k),
     every candidate is first scored on the k of those images whose outputs lie furthest apart, and only the
-    ``patch_grid_keep`` best go on to all of them."""
+    ``patch_grid_keep`` best go on to all of them. ``out_fit``: the model's outputs on ``fit``, where the caller
+    has them."""
     c, h, w = fit.shape[1:]
     sub = fit[: cfg.patch_grid_images]
     cands, colours = square_candidates((c, h, w), cfg)
@@ -529,7 +533,8 @@ def _square_seed(model: nn.Module, fit: torch.Tensor, var_fit: torch.Tensor, cfg
     model.to(memory_format=layout)
     try:
         if 2 <= cfg.patch_grid_screen < sub.shape[0] and cfg.patch_grid_keep < len(cands):
-            idx = spread_images(_outputs(model, sub), var_fit, cfg.patch_grid_screen).to(sub.device)
+            out_sub = outputs(model, sub) if out_fit is None else out_fit[: sub.shape[0]]
+            idx = spread_images(out_sub, var_fit, cfg.patch_grid_screen).to(sub.device)
             y = square_outputs(model, sub[idx], cands, colours, keep, cancel, layout, cfg.precision)
             top = (y.var(1, unbiased=False) / var_fit).mean(1).argsort()[: cfg.patch_grid_keep]
             cands = [cands[n] for n in top.tolist()]
@@ -618,7 +623,7 @@ def probe_rigidity(
         probe = _fit(model, family, fit, var_fit, cfg, exclude, target, cfg.rigidity_steps,
                      cfg.seed * 1009 + FAMILIES.index(family) + 1 + 7919 * (i + 1), cancel, init=transform)
         with torch.no_grad():
-            out = _outputs(model, torch.cat([probe(held[j : j + 256]) for j in range(0, held.shape[0], 256)]))
+            out = outputs(model, torch.cat([probe(held[j : j + 256]) for j in range(0, held.shape[0], 256)]))
         errors.append(float(((out - target) / std_held).pow(2).mean().sqrt()))
         if progress is not None:
             progress("rigidity", i + 1, len(targets), {f"rigidity_{family}": errors[-1]}, None)

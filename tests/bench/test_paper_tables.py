@@ -50,9 +50,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[R
                      real / "stderr"), real),
     }
     yield started
-    for run, _ in started.values():
+    for run, _ in started.values():  # a deselected or failed test never waited: end the process, close its log
         if run.proc.poll() is None:
             run.proc.kill()
+            run.proc.wait(timeout=30)
+        run._err.close()
 
 
 @pytest.mark.timeout(900)
