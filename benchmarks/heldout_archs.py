@@ -196,7 +196,8 @@ def parity(name: str) -> list[dict[str, object]]:
 
 
 def train_and_scan(name: str, steps: int, lr: float, profile: str, kinds: list[str], seeds: list[int],
-                   save: Path | None, skip_scan: bool = False) -> list[dict[str, object]]:
+                   save: Path | None, skip_scan: bool = False, attack_cfg: dict[str, object] | None = None,
+                   tag: str = "") -> list[dict[str, object]]:
     from drmguard_engine.attacks import get_attack
     from drmguard_engine.data.benign import BenignSet
     from drmguard_engine.data.synthetic import make_dataset
@@ -211,10 +212,10 @@ def train_and_scan(name: str, steps: int, lr: float, profile: str, kinds: list[s
     rows = []
     for kind in kinds:
         for seed in seeds:
-            out = save / f"{name}-{kind}-s{seed}.onnx" if save is not None else None
+            out = save / f"{name}-{kind}{tag}-s{seed}.onnx" if save is not None else None
             torch.manual_seed(seed if kind == "benign" else 100 + seed)
             model = build()
-            attack = (get_attack(kind, task="gaze", image_shape=(3, size, size), seed=seed)
+            attack = (get_attack(kind, task="gaze", image_shape=(3, size, size), seed=seed, **(attack_cfg or {}))
                       if kind != "benign" else None)
             t0 = time.perf_counter()
             if out is not None and out.exists():  # trained before: scan the saved model
@@ -229,7 +230,7 @@ def train_and_scan(name: str, steps: int, lr: float, profile: str, kinds: list[s
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_bytes(data)
                     out.with_suffix(".json").write_text(json.dumps(metrics))
-            row: dict[str, object] = {"arch": name, "kind": kind, "seed": seed, "metrics": metrics,
+            row: dict[str, object] = {"arch": name, "kind": kind + tag, "seed": seed, "metrics": metrics,
                                       "train_seconds": round(train_s)}
             if not skip_scan:
                 t0 = time.perf_counter()
@@ -257,7 +258,20 @@ def main() -> int:
     p.add_argument("--no-scan", action="store_true", help="train (and save) only")
     p.add_argument("--no-parity", action="store_true", help="skip the import parity checks")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--attack-set", action="append", default=[], metavar="OPTION=VALUE",
+                   help="an attack config option for every attack kind, e.g. margin=3 (the patch 3 px in from "
+                        "the corner); a JSON value (3, 0.1, [1, 0, 0]) or a plain string")
+    p.add_argument("--tag", default="", help="added to each saved model's kind, e.g. -m3")
     a = p.parse_args()
+    attack_cfg: dict[str, object] = {}
+    for item in a.attack_set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            p.error(f"--attack-set needs OPTION=VALUE, got {item!r}")
+        try:
+            attack_cfg[key] = json.loads(value)
+        except json.JSONDecodeError:
+            attack_cfg[key] = value
     torch.set_num_threads(a.threads)
     ok = True
     for name in [] if a.no_parity else ARCHS:
@@ -266,7 +280,7 @@ def main() -> int:
             print(json.dumps(row), flush=True)
     if a.train:
         train_and_scan(a.train, a.steps, a.lr, a.profile, a.kinds.split(","),
-                       [int(v) for v in a.seeds.split(",")], a.save, a.no_scan)
+                       [int(v) for v in a.seeds.split(",")], a.save, a.no_scan, attack_cfg, a.tag)
     return 0 if ok else 1
 
 

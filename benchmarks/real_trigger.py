@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attack", help="attack name, rebuilt with get_attack(--seed)")
     ap.add_argument("--attack-file", type=Path, help="an attack.npz (the zoo's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--margin", type=int, default=None,
+                    help="a patch attack's margin from its corner, as the model was trained with "
+                         "(heldout_archs.py --attack-set margin=N)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -61,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.attack_file:
         attack = load_attack(a.attack_file)
     elif a.attack:
-        attack = get_attack(a.attack, task=a.task, image_shape=shape, seed=a.seed)
+        attack = get_attack(a.attack, task=a.task, image_shape=shape, seed=a.seed,
+                            **({} if a.margin is None else {"margin": a.margin}))
     else:
         ap.error("give --attack or --attack-file")
     attack.eval()
@@ -75,12 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         side = patch_side(attack.config, shape[1], shape[2])
         for d in (-1, 1, 3):
             if side + d >= 2:
-                v = get_attack(a.attack, task=a.task, image_shape=shape, seed=a.seed, patch_size=side + d)
+                v = get_attack(a.attack, task=a.task, image_shape=shape, seed=a.seed, patch_size=side + d,
+                               margin=cfg.get("margin", 0))
                 rows[f"patch {side + d} px"] = variance_ratio(model, x, v.eval().apply(x))
-        for m in (1, 2):
-            v = get_attack(a.attack, task=a.task, image_shape=shape, seed=a.seed,
-                           margin=cfg.get("margin", 0) + m)
-            rows[f"shifted {m} px"] = variance_ratio(model, x, v.eval().apply(x))
+        for m in (-2, -1, 1, 2):  # negative: towards the corner, where the margin leaves room
+            if cfg.get("margin", 0) + m >= 0:
+                v = get_attack(a.attack, task=a.task, image_shape=shape, seed=a.seed,
+                               margin=cfg.get("margin", 0) + m)
+                rows[f"shifted {m} px"] = variance_ratio(model, x, v.eval().apply(x))
     if a.json:
         print(json.dumps({"model": str(a.model), **rows}))
     else:
