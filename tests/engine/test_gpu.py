@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 from test_patch_grid import TARGET, ExactSquareGate, _images
-
 from torch import nn
 
 from drmguard_engine.data.benign import BenignSet
