@@ -109,7 +109,7 @@ class ProbeConfig:
     # the arithmetic of the probes' fitting passes and of the square search: "float32" (default) or "bfloat16"
     # (autocast, CUDA only; a CPU scan stays float32). The loss, the ratios and every score are computed in float32
     # from the outputs either way. Measured side by side on an H200 (docs/gpu.md, "The run of 2026-11-27"): the same
-    # verdicts on 5 models, scores within 1.5% on the backdoored ones, and no gain in time (the fit steps are bound by
+    # verdicts on 5 models, scores within 2% on the backdoored ones, and no gain in time (the fit steps are bound by
     # kernel launches, not arithmetic), so float32 stays the default
     precision: str = "float32"
 
