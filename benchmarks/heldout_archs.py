@@ -33,6 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from drmguard_engine.cli import parse_overrides  # noqa: E402
 from drmguard_engine.onnx_io import export_onnx, load_onnx_model  # noqa: E402
 
 
@@ -261,17 +262,9 @@ def main() -> int:
     p.add_argument("--attack-set", action="append", default=[], metavar="OPTION=VALUE",
                    help="an attack config option for every attack kind, e.g. margin=3 (the patch 3 px in from "
                         "the corner); a JSON value (3, 0.1, [1, 0, 0]) or a plain string")
-    p.add_argument("--tag", default="", help="added to each saved model's kind, e.g. -m3")
+    p.add_argument("--tag", default="", help="added to each saved model's kind: --tag=-m3 (with '=' for a leading '-')")
     a = p.parse_args()
-    attack_cfg: dict[str, object] = {}
-    for item in a.attack_set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            p.error(f"--attack-set needs OPTION=VALUE, got {item!r}")
-        try:
-            attack_cfg[key] = json.loads(value)
-        except json.JSONDecodeError:
-            attack_cfg[key] = value
+    attack_cfg = parse_overrides(a.attack_set, "--attack-set")
     torch.set_num_threads(a.threads)
     ok = True
     for name in [] if a.no_parity else ARCHS:

@@ -37,6 +37,20 @@ class CliError(DRMGuardError):
     """Bad command-line input; the message says what is wrong and what to do."""
 
 
+def parse_overrides(items: list[str], flag: str = "--set") -> dict[str, Any]:
+    """``OPTION=VALUE`` items as a dict; each value is read as JSON (3, 0.1, true, [1, 0, 0]) or kept as a string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CliError(f"{flag} expects OPTION=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
 @dataclass(frozen=True)
 class Command:
     name: str

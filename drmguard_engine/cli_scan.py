@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .cli import CliError, Command, check_device, default_device, existing_file, writable_path
+from .cli import CliError, Command, check_device, default_device, existing_file, parse_overrides, writable_path
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -27,19 +27,6 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "--set epsilon=0.05 --set steps=500; probe options take a probe_ prefix")
     p.add_argument("--benign-fraction", type=float, default=1.0,
                    help="use only this fraction of D_be (the D_be-size ablation; default 1.0)")
-
-
-def _overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise CliError(f"--set expects OPTION=VALUE, got {item!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
 
 
 def _load(a: argparse.Namespace, *, need_labels: bool) -> tuple[Any, Any, Any, str]:
@@ -108,7 +95,7 @@ def _run_scan(a: argparse.Namespace) -> dict[str, Any]:
 
     report_path = writable_path(a.report, "--report")
     model, benign, task, device = _load(a, need_labels=False)
-    cfg = get_profile(a.profile, task, **_overrides(a.set))
+    cfg = get_profile(a.profile, task, **parse_overrides(a.set))
     bar = _Bar(a.quiet)
     try:
         report = scan(model, benign, task, cfg, device=device, progress=bar)
@@ -149,7 +136,7 @@ def _run_mitigate(a: argparse.Namespace) -> dict[str, Any]:
     if a.cv_folds and a.cv_folds < 2:
         raise CliError(f"--cv-folds must be 0 (off) or at least 2 folds, got {a.cv_folds}")
     model, benign, task, device = _load(a, need_labels=True)
-    cfg = get_profile(a.profile, task, **_overrides(a.set))
+    cfg = get_profile(a.profile, task, **parse_overrides(a.set))
     g = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(benign), generator=g)
     n_hold = max(2, int(round(a.holdout * len(benign))))
