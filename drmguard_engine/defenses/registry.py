@@ -266,20 +266,13 @@ def run_cli(args: argparse.Namespace) -> dict[str, Any]:
     """
     from pathlib import Path
 
+    from ..cli import parse_overrides
     from ..data.benign import load_benign_npz
     from ..onnx_io import export_onnx, load_onnx_model
 
     defense = get_defense(args.defense)
     task = Task.parse(args.task)
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        k, sep, v = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set expects OPTION=VALUE, got {item!r}")
-        try:
-            overrides[k.strip()] = json.loads(v)
-        except json.JSONDecodeError:
-            overrides[k.strip()] = v
+    overrides = parse_overrides(args.set)
     model = load_onnx_model(args.model)
     c, h, w = (int(s) for s in model.input_shape)
     do_mitigate = defense.mitigate is not None and (defense.detect is None or args.out is not None)
