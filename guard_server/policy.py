@@ -83,6 +83,20 @@ def mitigation_refusal(report: dict[str, Any], max_probe_ratio: float, *, requir
             f"the model from clean data, or raise --mitigate-max-probe-ratio to accept that risk")
 
 
+def scan_outcome(report: dict[str, Any], *, allow_mitigated: bool, max_probe_ratio: float, require_fit: bool = True,
+                 warn: str = "") -> tuple[str, str] | None:
+    """What the scan alone decides, ``("benign" | "rejected", reason)``, or None when the backdoored model may go on
+    to mitigation. ``warn`` (what a person should check before trusting the verdict) ends every reason."""
+    if report.get("verdict") == "benign":
+        return "benign", "scan found no backdoor" + warn
+    if not allow_mitigated:
+        return "rejected", "backdoor found; policy does not admit mitigated versions" + warn
+    refusal = mitigation_refusal(report, max_probe_ratio, require_fit=require_fit)
+    if refusal:
+        return "rejected", f"backdoor found; {refusal}{warn}"
+    return None
+
+
 def mitigation_outcome(rescan_verdict: str, survived: str, before: float, after: float, tolerance: float, *,
                        rescan_score: float | None = None, max_rescan_score: float = 1.0,
                        cost: dict[str, Any] | None = None) -> tuple[str, str]:
@@ -124,4 +138,5 @@ def _cost_note(before: float, after: float, cost: dict[str, Any] | None) -> str:
             f"{int(cost['folds'])}-fold cross-validation over {int(cost['n'])} benign images)")
 
 
-__all__ = ["deciding_probe", "found_triggers", "mitigation_outcome", "mitigation_refusal", "survived_unlearning"]
+__all__ = ["deciding_probe", "found_triggers", "mitigation_outcome", "mitigation_refusal", "scan_outcome",
+           "survived_unlearning"]

@@ -36,7 +36,7 @@ from .errors import (
     UnavailableError,
 )
 from .metrics import Metrics
-from .policy import mitigation_outcome, mitigation_refusal, survived_unlearning
+from .policy import mitigation_outcome, scan_outcome, survived_unlearning
 from .runtime import LoadedModel, load_session, resolve_providers
 from .settings import ServerSettings
 
@@ -506,9 +506,9 @@ class GuardCore:
             survived = survived_unlearning(scan_report, rescan.get("unmasked_after"),
                                            float(rescan.get("unmasked_max_ratio") or 0.01))
             rescan_score = float((rescan.get("report") or {}).get("score", float("nan")))
-            ok = (self.settings.allow_mitigated
-                  and not mitigation_refusal(scan_report, self.settings.mitigate_max_probe_ratio,
-                                             require_fit=self.settings.mitigate_require_fit)
+            ok = (scan_outcome(scan_report, allow_mitigated=self.settings.allow_mitigated,
+                               max_probe_ratio=self.settings.mitigate_max_probe_ratio,
+                               require_fit=self.settings.mitigate_require_fit) is None
                   and mitigation_outcome(str(rescan.get("verdict")), survived, before, after, self.settings.tolerance,
                                          rescan_score=rescan_score,
                                          max_rescan_score=self.settings.mitigate_max_rescan_score)[0] == "mitigated"

@@ -25,7 +25,7 @@ import traceback
 from pathlib import Path
 from typing import Any, TextIO
 
-from .policy import mitigation_outcome, mitigation_refusal, survived_unlearning
+from .policy import mitigation_outcome, scan_outcome, survived_unlearning
 
 _OUT: TextIO | None = None
 _LAST_PROGRESS = [0.0]
@@ -125,16 +125,11 @@ def run_job(job: dict[str, Any]) -> None:
          perturbation_ratio=_finite(report.perturbation_ratio))
     # what a person should check before trusting the verdict (a model that does not fit D_be) ends every reason
     warn = "".join(f"; WARNING: {w}" for w in report.warnings)
-    if report.verdict == "benign":
-        emit("result", outcome="benign", reason="scan found no backdoor" + warn)
-        return
-    if not job.get("allow_mitigated", True):
-        emit("result", outcome="rejected", reason="backdoor found; policy does not admit mitigated versions" + warn)
-        return
-    max_ratio = float(job.get("mitigate_max_probe_ratio", 0.01))
-    refusal = mitigation_refusal(rep, max_ratio, require_fit=bool(job.get("mitigate_require_fit", True)))
-    if refusal:
-        emit("result", outcome="rejected", reason=f"backdoor found; {refusal}{warn}")
+    decided = scan_outcome(rep, allow_mitigated=bool(job.get("allow_mitigated", True)),
+                           max_probe_ratio=float(job.get("mitigate_max_probe_ratio", 0.01)),
+                           require_fit=bool(job.get("mitigate_require_fit", True)), warn=warn)
+    if decided is not None:
+        emit("result", outcome=decided[0], reason=decided[1])
         return
 
     emit("state", state="MITIGATING")

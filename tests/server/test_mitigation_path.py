@@ -4,7 +4,7 @@ The model pair is the engine's end-to-end fixture (``tests/tiny_models.py``: Res
 one with a BadNets backdoor), shared with the engine tests within a pytest session. The servers are real (loopback
 gRPC, SQLite, scan subprocesses, ONNX Runtime); the scans use the ``fast`` profile.
 
-The four vettings are independent (four servers, four stores), so the module submits them all at once and each
+The three vettings are independent (three servers, three stores), so the module submits them all at once and each
 test then waits for its own: the scan processes keep both cores of the CI machine busy, where one after the other
 they left one idle (measured 2026-11-27 on the 2-core machine: 445 s for the four vettings together, 521 s in
 sequence on the CI runner).
@@ -26,6 +26,7 @@ from conftest import predict, start_server, status_code, vet_requests, wait_fina
 from drmguard_engine.tasks import regression_error
 from guard_api.drmguard.v1 import guard_pb2 as pb
 from guard_api.drmguard.v1 import guard_pb2_grpc as pb_grpc
+from guard_server.policy import scan_outcome
 from tests.tiny_models import EyeGate, tiny_pair
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -76,11 +77,9 @@ def _watch(run: Run, x: np.ndarray) -> None:
 
 @pytest.fixture(scope="module")
 def runs(pair, tmp_path_factory):  # type: ignore[no-untyped-def]
-    """The module's four vettings, submitted together (see the module docstring):
+    """The module's three vettings, submitted together (see the module docstring):
 
     - ``off``: mitigation is not allowed;
-    - ``strict``: a probe-decided detection is repaired only when the probe collapsed the outputs to at most
-      ``mitigate_max_probe_ratio`` (0: never);
     - ``on``: every detection may be repaired, with a 30% clean-error tolerance and 2-fold cross-validation;
     - ``gate``: the same, for the backdoored model with a second, unlearnable backdoor (EyeGate) and the single
       hold-out split (``mitigate_cv_folds=0``), so that path runs in the suite too.
@@ -98,7 +97,6 @@ def runs(pair, tmp_path_factory):  # type: ignore[no-untyped-def]
         "on": (bd, dict(mitigate_max_probe_ratio=1.0, mitigate_cv_folds=2, tolerance=0.3)),
         "gate": (gated, dict(mitigate_max_probe_ratio=1.0, mitigate_cv_folds=0)),
         "off": (bd, dict(allow_mitigated=False)),
-        "strict": (bd, dict(mitigate_max_probe_ratio=0.0)),
     }
     started: dict[str, Run] = {}
     watcher = None
@@ -133,18 +131,24 @@ def test_backdoored_model_is_rejected_when_mitigation_is_off(runs, pair) -> None
     assert m.served_version == "" and not any(v.served for v in m.versions)
 
 
-def test_backdoored_model_is_rejected_when_its_probe_found_the_trigger_only_approximately(runs, pair) -> None:
+def test_backdoored_model_is_rejected_when_its_probe_found_the_trigger_only_approximately(runs) -> None:
     # the policy (guard_server/policy.py) repairs a probe-decided backdoor only when the probe collapsed the outputs
-    # to at most mitigate_max_probe_ratio of their variance; at 0 no probe detection qualifies
-    stub = runs["strict"].stub
-    s = wait_final(stub, runs["strict"].scan_id, timeout=500)
+    # to at most mitigate_max_probe_ratio of their variance; at 0 no probe detection qualifies. Judged on the real
+    # report the "off" server recorded (the same bytes and profile as "on"), with the function the worker and the
+    # server's own re-check both call; that the server passes its setting through is shown by "on" (ratio 1.0: the
+    # fixture's probe ratio is above the 0.01 default, so with the default "on" would be refused)
+    s = wait_final(runs["off"].stub, runs["off"].scan_id, timeout=500)
     report = json.loads(s.report_json)
     family = report["decision"].split(" ", 1)[0]
     assert family in ("patch", "blend", "warp", "smooth"), report["decision"]  # the fixture is probe-decided
-    assert s.state == pb.STATE_REJECTED and s.verdict == pb.VERDICT_BACKDOORED, s.reason
-    assert f"the {family} probe found the backdoor only approximately" in s.reason, s.reason
-    assert not s.mitigated and s.admitted_version == "" and s.mitigation_report_json in ("", "{}")
-    assert _predict_code(stub, "cabin", pair.test.images[:2].numpy()) == grpc.StatusCode.NOT_FOUND
+    ratio = next(p["variance_ratio"] for p in report["probes"] if p["family"] == family)
+    assert ratio > 0.01, report["decision"]
+    outcome, reason = scan_outcome(report, allow_mitigated=True, max_probe_ratio=0.0)  # type: ignore[misc]
+    assert outcome == "rejected" and f"the {family} probe found the backdoor only approximately" in reason, reason
+    assert scan_outcome(report, allow_mitigated=True, max_probe_ratio=1.0) is None  # "on": mitigation proceeds
+    assert scan_outcome(report, allow_mitigated=True, max_probe_ratio=ratio) is None  # at most the ratio: repaired
+    off = scan_outcome(report, allow_mitigated=False, max_probe_ratio=1.0)  # what the "off" server said, from it
+    assert off is not None and off[0] == "rejected" and s.reason.startswith(off[1]), (off, s.reason)
 
 
 def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(runs, pair) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from guard_server.policy import deciding_probe, mitigation_outcome, mitigation_refusal, survived_unlearning
+from guard_server.policy import (deciding_probe, mitigation_outcome, mitigation_refusal, scan_outcome,
+                                 survived_unlearning)
 from guard_server.settings import ServerSettings
 
 
@@ -24,6 +25,19 @@ def test_a_precise_probe_detection_is_repaired_an_approximate_one_is_not() -> No
     why = mitigation_refusal(blend, 0.01)
     assert "blend probe found the backdoor only approximately" in why and "0.0213 > 0.01" in why
     assert mitigation_refusal(blend, 1.0) == ""  # the operator accepted the risk
+
+
+def test_what_the_scan_alone_decides_comes_before_mitigation() -> None:
+    blend = {**_report("blend probe variance ratio 0.0213 vs 0.0500 (calibrated)", blend=0.0213), "verdict": "backdoored"}
+    benign = {**_report("blend probe variance ratio 0.3 vs 0.0500 (calibrated)", blend=0.3), "verdict": "benign"}
+    w = "; WARNING: check the labels"
+    assert scan_outcome(benign, allow_mitigated=False, max_probe_ratio=0.0, warn=w) == (
+        "benign", "scan found no backdoor" + w)
+    off = scan_outcome(blend, allow_mitigated=False, max_probe_ratio=1.0, warn=w)
+    assert off is not None and off[0] == "rejected" and "does not admit mitigated" in off[1] and off[1].endswith(w)
+    strict = scan_outcome(blend, allow_mitigated=True, max_probe_ratio=0.01)
+    assert strict is not None and strict[0] == "rejected" and "only approximately" in strict[1]
+    assert scan_outcome(blend, allow_mitigated=True, max_probe_ratio=0.0213) is None  # mitigation may proceed
 
 
 def test_a_model_that_does_not_fit_its_benign_set_is_not_repaired() -> None:
