@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CancelledError, ConfigError
-from .drmguard import memory_format_for
+from .drmguard import memory_format_for, outputs_agree
 
 FAMILIES = ("blend", "patch", "warp", "additive", "smooth")
 RIGIDITY_STATISTICS = ("median", "mean")
@@ -100,12 +100,14 @@ class ProbeConfig:
     patch_grid_screen: int = 2
     patch_grid_keep: int = 256
     seed: int = 0
-    # the layout of the model and images while probes are fitted: "contiguous" (default), "channels_last", or "auto"
-    # (channels-last on CUDA only, as DRMGuardConfig.memory_format). Only the summation order changes
+    # the layout of the model and images while probes are fitted and the square search runs: "auto" (default:
+    # channels-last on the CPU where the model runs in it with the same outputs, the default layout on CUDA;
+    # drmguard.memory_format_for), "channels_last" or "contiguous" (the default until 2026-11-27, session 16; the
+    # square search then picks its layout by a timing, _faster_layout). Only the summation order changes
     # (tests/engine/test_scan_terms.py). Measured on an H200 at 224 px, full-width ResNet18 (docs/gpu.md): no gain
-    # for the probes (whole default scans 21.3-23.2 s contiguous, 22.2-23.5 s channels-last), unlike the reverse
-    # engineering (1.7x), so the default stays contiguous
-    memory_format: str = "contiguous"
+    # for the probes on CUDA (whole default scans 21.3-23.2 s contiguous, 22.2-23.5 s channels-last), unlike the
+    # reverse engineering (1.7x). On this 2-core CPU, full-width ResNet18 at 64 px: docs/scan.md "Speed"
+    memory_format: str = "auto"
     # the arithmetic of the probes' fitting passes and of the square search: "float32" (default) or "bfloat16"
     # (autocast, CUDA only; a CPU scan stays float32). The loss, the ratios and every score are computed in float32
     # from the outputs either way. Measured side by side on an H200 (docs/gpu.md, "The run of 2026-11-27"): the same
@@ -349,7 +351,7 @@ def _in_layout(fn: _F) -> _F:
 
     @functools.wraps(fn)
     def run(model: nn.Module, images: torch.Tensor, cfg: ProbeConfig, *args: Any, **kwargs: Any) -> Any:
-        layout = memory_format_for(images.device, cfg.memory_format)
+        layout = memory_format_for(images.device, cfg.memory_format, model, images, auto_cuda=False)
         if layout is torch.contiguous_format:
             return fn(model, images, cfg, *args, **kwargs)
         model.to(memory_format=layout)
@@ -486,6 +488,13 @@ def spread_images(outputs: torch.Tensor, var: torch.Tensor, k: int) -> torch.Ten
     return torch.tensor(chosen)
 
 
+def _layout_of(x: torch.Tensor) -> torch.memory_format:
+    """The layout a batch of images is in (channels-last or the default)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _faster_layout(model: nn.Module, x: torch.Tensor) -> torch.memory_format:
     """The layout in which ``model`` runs inference on batches like ``x`` faster, for a contiguous model on the
     CPU: channels-last convolutions were 1.3-1.8x faster on a full-width ResNet18 at 64 px (2026-11-27) but are not
@@ -507,8 +516,7 @@ def _faster_layout(model: nn.Module, x: torch.Tensor) -> torch.memory_format:
         return torch.contiguous_format
     finally:
         model.to(memory_format=torch.contiguous_format)
-    a, b = outs[torch.contiguous_format], outs[torch.channels_last]
-    same = bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(a.abs().max().clamp_min(1.0))))
+    same = outputs_agree(outs[torch.contiguous_format], outs[torch.channels_last])
     faster = seconds[torch.channels_last] < 0.9 * seconds[torch.contiguous_format]
     return torch.channels_last if (same and faster) else torch.contiguous_format
 
@@ -526,11 +534,13 @@ def _square_seed(model: nn.Module, fit: torch.Tensor, var_fit: torch.Tensor, cfg
     if not cands:
         return None
     keep = 1 - exclude
-    # the search is inference only: on the CPU, in whichever layout this network runs faster
-    layout = torch.contiguous_format
-    if cfg.memory_format == "contiguous":
+    # the search runs in the probes' layout (ProbeConfig.memory_format); with "contiguous", the form first shipped,
+    # in whichever layout this network runs inference faster on the CPU, by a timing
+    layout = _layout_of(fit)
+    timed = cfg.memory_format == "contiguous"
+    if timed:
         layout = _faster_layout(model, sub[torch.arange(96) % sub.shape[0]])
-    model.to(memory_format=layout)
+        model.to(memory_format=layout)
     try:
         if 2 <= cfg.patch_grid_screen < sub.shape[0] and cfg.patch_grid_keep < len(cands):
             out_sub = outputs(model, sub) if out_fit is None else out_fit[: sub.shape[0]]
@@ -540,7 +550,7 @@ def _square_seed(model: nn.Module, fit: torch.Tensor, var_fit: torch.Tensor, cfg
             cands = [cands[n] for n in top.tolist()]
         y = square_outputs(model, sub, cands, colours, keep, cancel, layout, cfg.precision)
     finally:
-        if layout is not torch.contiguous_format:
+        if timed and layout is not torch.contiguous_format:
             model.to(memory_format=torch.contiguous_format)
     side, i, j, k = cands[int((y.var(1, unbiased=False) / var_fit).mean(1).argmin())]
     seed = _Probe("patch", (c, h, w), cfg, exclude).to(fit.device)
