@@ -6,8 +6,9 @@ gRPC, SQLite, scan subprocesses, ONNX Runtime); the scans use the ``fast`` profi
 
 The three vettings are independent (three servers, three stores), so the module submits them all at once and each
 test then waits for its own: the scan processes keep both cores of the CI machine busy, where one after the other
-they left one idle (measured 2026-11-27 on the 2-core machine: 445 s for the four vettings together, 521 s in
-sequence on the CI runner).
+they left one idle (measured 2026-11-27 on the 2-core machine, with a fourth vetting since replaced by a check on
+the "off" run's report: 445 s for the four together, 521 s in sequence on the CI runner; the three: 617 s on a
+slower CI run, against 681 s for the four on the same day).
 """
 
 from __future__ import annotations
