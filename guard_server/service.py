@@ -388,6 +388,7 @@ class GuardCore:
                "reference_paths": refs, "task": task, "profile": row.profile, "device": self.device,
                "allow_mitigated": self.settings.allow_mitigated, "tolerance": self.settings.tolerance,
                "mitigate_max_probe_ratio": self.settings.mitigate_max_probe_ratio,
+               "mitigate_unmasked_above": self.settings.mitigate_unmasked_above,
                "mitigate_require_fit": self.settings.mitigate_require_fit,
                "mitigate_max_rescan_score": self.settings.mitigate_max_rescan_score,
                "holdout_fraction": self.settings.holdout_fraction, "cv_folds": self.settings.mitigate_cv_folds,

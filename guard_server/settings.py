@@ -53,6 +53,11 @@ class ServerSettings:
     # a probe-decided backdoor is repaired only if its probe collapsed the outputs this far (guard_server.policy):
     # above it, a mitigation can fail while the re-scan reads benign (docs/scan.md); 1.0 = repair every detection
     mitigate_max_probe_ratio: float = 0.01
+    # after a backdoored verdict, mitigation also fits the probes without the scan's eye-region exclusion and
+    # unlearns what they find when the deciding probe's ratio is above this (MitigationConfig.unmasked_above): its
+    # trigger was found only approximately. 0 = always, which also looks for a second backdoor read through the
+    # eyes behind one found precisely, at some clean-error cost (more triggers unlearned; docs/service.md)
+    mitigate_unmasked_above: float = 0.01
     # a backdoored model that does not fit its benign set's labels (the scan's benign_fit warning) is not repaired:
     # the repair and its clean-error check would be fitted on data the model was not made for (fail closed)
     mitigate_require_fit: bool = True
@@ -84,6 +89,9 @@ class ServerSettings:
     def __post_init__(self) -> None:
         if not 0.0 <= self.mitigate_max_probe_ratio <= 1.0:
             raise ValueError(f"mitigate_max_probe_ratio must be in [0, 1], got {self.mitigate_max_probe_ratio}")
+        if not 0.0 <= self.mitigate_unmasked_above < 1.0:
+            raise ValueError(f"mitigate_unmasked_above must be a variance ratio in [0, 1) (0 = always fit the unmasked "
+                             f"probes), got {self.mitigate_unmasked_above}")
         if not 0.0 < self.mitigate_max_rescan_score <= 1.0:
             raise ValueError(f"mitigate_max_rescan_score must be in (0, 1] (1 = the re-scan's own threshold), got "
                              f"{self.mitigate_max_rescan_score}")

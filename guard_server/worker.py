@@ -13,6 +13,7 @@ or ``{"ev": "error", "kind": "...", "message": "..."}``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -137,6 +138,8 @@ def run_job(job: dict[str, Any]) -> None:
     # where the scan's probe found the trigger only approximately (the operator raised the ratio above), mitigation
     # also fits the probes without the task-region exclusion and unlearns them (engine: MitigationConfig)
     mcfg = mitigation_config(None, report)
+    if "mitigate_unmasked_above" in job:
+        mcfg = dataclasses.replace(mcfg, unmasked_above=float(job["mitigate_unmasked_above"]))
     folds = min(int(job.get("cv_folds", 0)), len(benign))
     if folds >= 2:
         # the served model is mitigated on every benign image; its clean-error cost is measured afterwards, by

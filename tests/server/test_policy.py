@@ -82,6 +82,10 @@ def test_the_setting_is_validated() -> None:
     assert ServerSettings().mitigate_max_probe_ratio == 0.01
     with pytest.raises(ValueError, match="mitigate_max_probe_ratio"):
         ServerSettings(mitigate_max_probe_ratio=2.0)
+    assert ServerSettings().mitigate_unmasked_above == 0.01 and ServerSettings(mitigate_unmasked_above=0.0)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="mitigate_unmasked_above"):
+            ServerSettings(mitigate_unmasked_above=bad)
 
 
 def test_a_mitigation_that_costs_more_clean_error_than_the_tolerance_is_rejected() -> None:
