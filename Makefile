@@ -8,6 +8,8 @@ PIP := $(PY) -m pip
 # package's own range (torch>=2.4,<2.15) is already satisfied and pip pulls no CUDA build.
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
+# pytest-xdist workers for `make test` (tests/conftest.py: heavy modules first, whole files to a worker; 0 = one process)
+TEST_WORKERS ?= 2
 
 .PHONY: venv test test-fast demo bench bench-zoo bench-scan bench-predict paper-tables paper-tables-quick proto proto-check prometheus lint clean
 
@@ -28,7 +30,7 @@ prometheus:
 	  || echo "could not install Debian's 'prometheus' package: tests/ops will fail until it is installed"; }
 
 test: venv prometheus
-	$(PY) -m pytest -q --timeout=600 --durations=12 tests
+	$(PY) -m pytest -q --timeout=600 --durations=12 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-fast: venv
 	$(PY) -m pytest -q -x --timeout=300 tests -m "not integration"

@@ -7,6 +7,12 @@ torch generators after every test, so no test depends on another's draws.
 Torch runs single-threaded in tests (``DRMGUARD_TEST_THREADS`` overrides): the tests' tensors are tiny, and on
 a shared 2-core machine multi-threaded kernels spin against each other. Measured under load (~14): the same
 150-step tiny training took 12 s with one thread and 174 s with two.
+
+``make test`` runs the suite in two pytest-xdist workers, whole files to a worker (``--dist loadfile``, so a
+module's fixtures are built once) in collection order (``--no-loadscope-reorder``). Modules marked
+``heavy(seconds)`` (minutes of real training and scanning) are collected first, longest first, so that the workers
+finish together instead of one starting the longest module last. The trained fixture pair of ``tiny_models`` is
+shared between the workers through a folder of the run's (``DRMGUARD_TEST_SHARED``).
 """
 
 from __future__ import annotations
@@ -39,7 +45,13 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def _heavy_seconds(item: pytest.Item) -> float:
+    mark = item.get_closest_marker("heavy")
+    return float(mark.args[0]) if mark is not None else 0.0
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda it: -_heavy_seconds(it))  # stable: the rest keep their order
     run_slow = config.getoption("--run-slow")
     has_cuda: bool | None = None
     for item in items:
@@ -50,6 +62,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 has_cuda = _cuda_available()
             if not has_cuda:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``DRMGUARD_TEST_SHARED``: a folder this run's pytest-xdist workers share (the parent of their own base
+    temporary folders), or this process's own when the suite runs in one process."""
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    shared.mkdir(exist_ok=True)
+    os.environ["DRMGUARD_TEST_SHARED"] = str(shared)
 
 
 @pytest.fixture(autouse=True)

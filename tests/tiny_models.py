@@ -1,11 +1,14 @@
-"""Small trained models for end-to-end tests: a clean and a BadNets-backdoored regressor at 64 px.
+"""Small trained models for end-to-end tests: a clean and a BadNets-backdoored regressor at 32 px.
 
-Trained once per test session and cached in memory; real training with the engine's own ``train`` and ``badnets``
-attack, not planted weights, so the scan sees what it sees in the field. The two models train side by side in two
-spawned single-threaded processes (:func:`run_parallel`): the weights are bit for bit those of single-threaded
-training in the test process (checked 2026-11-26), in 66 s instead of 123 s on the 2-core machine.
-The zoo's architecture, size and trigger (ResNet18 at width 0.25, 64 px, BadNets 6x6 patch) with fewer training
-steps and images: at 32 px the 4-pixel patch is found by no probe (measured: patch probe ratio 0.73), and the
+Trained once per test run and cached (in memory, and on disk for the run's other pytest-xdist worker); real
+training with the engine's own ``train`` and ``badnets`` attack, not planted weights, so the scan sees what it sees
+in the field. The two models train side by side in two spawned single-threaded processes (:func:`run_parallel`):
+the weights are bit for bit those of single-threaded training in the test process (checked 2026-11-26).
+The zoo's architecture and trigger (ResNet18 at width 0.25, BadNets patch) at 32 px, with fewer training steps and
+images. 32 px since 2026-11-27 (64 px before): each forward and backward pass costs 3.4x less (44 against 150 ms
+for 50 images, one thread), and the scans separate the pair further (default profile: clean 0.34, backdoored 3.19
+with blend probe ratio 0.0048 and rigidity 5.4, in 47 and 56 s; at 64 px 1.86 under ``fast`` in about 250 s for a
+default scan). An older probe set found no 32 px patch (patch probe ratio 0.73, blend 0.065: docs/scan.md); the
 3-conv ``tiny`` net learns a patch trigger poorly (its global pooling dilutes it).
 """
 
@@ -18,10 +21,12 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 
 from drmguard_engine.attacks import get_attack
 from drmguard_engine.data.benign import BenignSet
@@ -30,7 +35,7 @@ from drmguard_engine.models import build_model
 from drmguard_engine.onnx_io import export_onnx
 from drmguard_engine.training import evaluate, train
 
-SIZE = 64
+SIZE = 32
 STEPS = 800
 ARCH = "resnet18"
 WIDTH = 0.25
@@ -95,11 +100,37 @@ def scan_onnx(onnx: bytes, benign: BenignSet, task: str, profile: str) -> Any:
     return scan(load_onnx_model(onnx), benign, task, profile)
 
 
+def _trained_pair(task: str, seed: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The pair's state dicts, trained once per test run: under pytest-xdist the workers share them through
+    ``DRMGUARD_TEST_SHARED`` (a folder of this run's, set by tests/conftest.py), the first to ask trains them while
+    the others wait on a file lock. The file holds our own freshly trained weights as plain arrays (``np.savez``,
+    read back with ``allow_pickle=False``)."""
+    calls = [(_train_one, (task, seed, False)), (_train_one, (task, seed, True))]
+    shared = os.environ.get("DRMGUARD_TEST_SHARED")
+    if not shared:
+        clean_sd, bd_sd = run_parallel(calls)
+        return clean_sd, bd_sd
+    path = Path(shared) / f"tiny-pair-{task}-{seed}.npz"
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            clean_sd, bd_sd = run_parallel(calls)
+            tmp = path.with_suffix(".tmp.npz")
+            np.savez(tmp, **{f"clean/{k}": v.numpy() for k, v in clean_sd.items()},
+                     **{f"bd/{k}": v.numpy() for k, v in bd_sd.items()})
+            tmp.replace(path)
+        with np.load(path, allow_pickle=False) as z:
+            sds: dict[str, dict[str, torch.Tensor]] = {"clean": {}, "bd": {}}
+            for key in z.files:
+                which, name = key.split("/", 1)
+                sds[which][name] = torch.from_numpy(z[key].copy())
+    return sds["clean"], sds["bd"]
+
+
 @functools.lru_cache(maxsize=4)
 def tiny_pair(task: str = "gaze", seed: int = 0) -> TinyPair:
     xbe, ybe = make_dataset(task, 200, size=SIZE, seed=seed + 1000)
     xte, yte = make_dataset(task, 200, size=SIZE, seed=seed + 2000)
-    clean_sd, bd_sd = run_parallel([(_train_one, (task, seed, False)), (_train_one, (task, seed, True))])
+    clean_sd, bd_sd = _trained_pair(task, seed)
     clean = build_model(ARCH, task, input_size=SIZE, width=WIDTH, seed=seed)
     clean.load_state_dict(clean_sd)
     bd = build_model(ARCH, task, input_size=SIZE, width=WIDTH, seed=seed + 1)
@@ -122,10 +153,13 @@ class EyeGate(torch.nn.Module):
     its trigger only through the eyes as well (docs/scan.md).
 
     The gate opens ``margin`` above the largest benign reading, with a steep sigmoid (``gain``), so that benign
-    images still give a probe a gradient towards it; measured: with gain 100 and margin 0.05 no unmasked probe found
-    the gate (ratio 0.020), with 300 and 0.015 the blend probe collapses it to 4e-9."""
+    images still give a probe a gradient towards it. Measured on the 64 px pair: with gain 100 and margin 0.05 no
+    unmasked probe found the gate (ratio 0.020), with 300 and 0.015 the blend probe collapsed it to 4e-9. On the
+    32 px pair (2026-11-27, ``unmasked_probes`` on the fast scan's report): margin 0.015 left the blend probe at
+    0.046 (not found), margin 0.005 collapses it to 1.4e-8 with gain 300 (4e-4 with gain 100, 0.052 with 1000),
+    while benign images keep the model's error (0.9985x)."""
 
-    def __init__(self, model: torch.nn.Module, images: torch.Tensor, *, margin: float = 0.015, gain: float = 300.0
+    def __init__(self, model: torch.nn.Module, images: torch.Tensor, *, margin: float = 0.005, gain: float = 300.0
                  ) -> None:
         from drmguard_engine.defenses.probes import ProbeConfig, saliency_exclusion
 

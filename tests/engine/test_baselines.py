@@ -36,6 +36,8 @@ from drmguard_engine.onnx_io import export_onnx, load_onnx_model
 from drmguard_engine.scan import MitigationConfig, get_profile
 from drmguard_engine.training import train
 
+pytestmark = pytest.mark.heavy(130)
+
 TASK = "gaze"
 SIZE = 32
 

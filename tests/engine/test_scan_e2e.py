@@ -1,7 +1,7 @@
 """End to end: train a clean and a BadNets-backdoored model, scan both, check the verdicts, then mitigate.
 
 Real training, real attack, real scan (through the ONNX import path the service uses), the `default` profile;
-only the budgets are small (ResNet18 at width 0.25, 64 px, 800 training steps) so that it fits CI on 2 cores.
+only the budgets are small (ResNet18 at width 0.25, 32 px, 800 training steps) so that it fits CI on 2 cores.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from drmguard_engine.onnx_io import load_onnx_model
 from drmguard_engine.scan import BACKDOORED, BENIGN, mitigate
 from drmguard_engine.tasks import regression_error
 from tests.tiny_models import run_parallel, scan_onnx, tiny_pair
+
+pytestmark = pytest.mark.heavy(280)
 
 PROFILE = "default"
 

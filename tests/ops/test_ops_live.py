@@ -50,7 +50,7 @@ from ops_harness import (
 )
 
 # About 60 s on two idle cores (30 s of CPU); the limits leave room for a loaded machine.
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(560)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(560), pytest.mark.heavy(90)]
 
 SIZE = 16
 BLEND = 0.2

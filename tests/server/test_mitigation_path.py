@@ -1,14 +1,13 @@
 """A really backdoored model through the service: rejected, or mitigated, re-scanned clean and only then served.
 
-The model pair is the engine's end-to-end fixture (``tests/tiny_models.py``: ResNet18 x0.25 at 64 px, really trained,
-one with a BadNets backdoor), shared with the engine tests within a pytest session. The servers are real (loopback
-gRPC, SQLite, scan subprocesses, ONNX Runtime); the scans use the ``fast`` profile.
+The model pair is the engine's end-to-end fixture (``tests/tiny_models.py``: ResNet18 x0.25 at 32 px, really trained,
+one with a BadNets backdoor), trained once per test run and shared with the engine tests. The servers are real
+(loopback gRPC, SQLite, scan subprocesses, ONNX Runtime); the scans use the ``fast`` profile.
 
 The three vettings are independent (three servers, three stores), so the module submits them all at once and each
-test then waits for its own: the scan processes keep both cores of the CI machine busy, where one after the other
-they left one idle (measured 2026-11-27 on the 2-core machine, with a fourth vetting since replaced by a check on
-the "off" run's report: 445 s for the four together, 521 s in sequence on the CI runner; the three: 617 s on a
-slower CI run, against 681 s for the four on the same day).
+test then waits for its own. Measured on the 2-core machine: 617 s for the module with the 64 px pair (CI,
+2026-11-26); with the 32 px pair about 300 s, beside test_scan_e2e.py in the suite's other xdist worker
+(2026-11-27).
 """
 
 from __future__ import annotations
@@ -28,9 +27,9 @@ from drmguard_engine.tasks import regression_error
 from guard_api.drmguard.v1 import guard_pb2 as pb
 from guard_api.drmguard.v1 import guard_pb2_grpc as pb_grpc
 from guard_server.policy import scan_outcome
-from tests.tiny_models import EyeGate, tiny_pair
+from tests.tiny_models import SIZE, EyeGate, tiny_pair
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600), pytest.mark.heavy(300)]
 
 
 def _predict_code(stub: pb_grpc.GuardStub, name: str, x: np.ndarray, version: str = "") -> grpc.StatusCode:
@@ -81,31 +80,32 @@ def runs(pair, tmp_path_factory):  # type: ignore[no-untyped-def]
     """The module's three vettings, submitted together (see the module docstring):
 
     - ``off``: mitigation is not allowed;
-    - ``on``: every detection may be repaired, with a 30% clean-error tolerance and 2-fold cross-validation;
-    - ``gate``: the same, for the backdoored model with a second, unlearnable backdoor (EyeGate) and the single
-      hold-out split (``mitigate_cv_folds=0``), so that path runs in the suite too.
+    - ``on``: every detection may be repaired, with the default 10% clean-error tolerance and 2-fold
+      cross-validation;
+    - ``gate``: the same, for the backdoored model with a second, unlearnable backdoor (EyeGate), with the probes
+      always fitted again without the eye-region exclusion (``mitigate_unmasked_above=0``) and the single hold-out
+      split (``mitigate_cv_folds=0``), so that path runs in the suite too.
     """
     from drmguard_engine.onnx_io import export_onnx
 
     root = tmp_path_factory.mktemp("mitigation")
     bd = pair.onnx("backdoored")
-    gated = export_onnx(EyeGate(pair.backdoored, pair.benign.images).eval(), None, input_shape=(3, 64, 64))
+    gated = export_onnx(EyeGate(pair.backdoored, pair.benign.images).eval(), None, input_shape=(3, SIZE, SIZE))
     specs = {
-        # the tolerance is 30%: the tiny fixture (800 training steps, 200 benign images) pays more clean error for
-        # its repair than the zoo does. Measured 2026-11-26 through the worker: 2-fold cross-validation reads +17%
-        # (95% interval +10% to +25%), each fold repaired on 100 images; the old 40-image hold-out read +9.7%. The
-        # 10% default is tested on the policy itself (test_policy.py)
-        "on": (bd, dict(mitigate_max_probe_ratio=1.0, mitigate_cv_folds=2, tolerance=0.3)),
-        "gate": (gated, dict(mitigate_max_probe_ratio=1.0, mitigate_cv_folds=0)),
+        # the default 10% tolerance: on the 32 px pair, 2-fold cross-validation with the worker's folds read +1.8%
+        # (95% interval -1.6% to +5.5%; measured 2026-11-27 with drmguard_engine.clean_cost). The 64 px pair needed
+        # 30% (+17%, interval +10% to +25%)
+        "on": (bd, dict(mitigate_max_probe_ratio=1.0, mitigate_cv_folds=2)),
+        "gate": (gated, dict(mitigate_max_probe_ratio=1.0, mitigate_unmasked_above=0.0, mitigate_cv_folds=0)),
         "off": (bd, dict(allow_mitigated=False)),
     }
     started: dict[str, Run] = {}
     watcher = None
     try:
         for name, (model, settings) in specs.items():
-            # "on" is the longest chain (scan, two cross-validation folds, repair, re-scan): two threads, so that it
-            # uses both cores once the others are done
-            srv = start_server(root / name, scan_threads=2 if name == "on" else 1, **settings)
+            # one thread each: the suite's other xdist worker keeps the second core busy, and OpenMP threads
+            # spin against each other on a loaded machine (tests/conftest.py)
+            srv = start_server(root / name, scan_threads=1, **settings)
             stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))  # type: ignore[attr-defined]
             started[name] = run = Run(srv, stub, "", model)
             run.scan_id = stub.VetModel(vet_requests("cabin", "1", model, pair.benign_npz())).scan_id
@@ -134,17 +134,17 @@ def test_backdoored_model_is_rejected_when_mitigation_is_off(runs, pair) -> None
 
 def test_backdoored_model_is_rejected_when_its_probe_found_the_trigger_only_approximately(runs) -> None:
     # the policy (guard_server/policy.py) repairs a probe-decided backdoor only when the probe collapsed the outputs
-    # to at most mitigate_max_probe_ratio of their variance; at 0 no probe detection qualifies. Judged on the real
-    # report the "off" server recorded (the same bytes and profile as "on"), with the function the worker and the
-    # server's own re-check both call; that the server passes its setting through is shown by "on" (ratio 1.0: the
-    # fixture's probe ratio is above the 0.01 default, so with the default "on" would be refused)
+    # to at most mitigate_max_probe_ratio of their variance. Judged on the real report the "off" server recorded (the
+    # same bytes and profile as "on"), with the function the worker and the server's own re-check both call, at a
+    # setting below the fixture's ratio (measured 0.0086, under the 0.01 default; "on" runs at 1.0 so that a CPU
+    # whose float sums land above 0.01 still mitigates)
     s = wait_final(runs["off"].stub, runs["off"].scan_id, timeout=500)
     report = json.loads(s.report_json)
     family = report["decision"].split(" ", 1)[0]
     assert family in ("patch", "blend", "warp", "smooth"), report["decision"]  # the fixture is probe-decided
     ratio = next(p["variance_ratio"] for p in report["probes"] if p["family"] == family)
-    assert ratio > 0.01, report["decision"]
-    outcome, reason = scan_outcome(report, allow_mitigated=True, max_probe_ratio=0.0)  # type: ignore[misc]
+    assert 0.0 < ratio < 0.05, report["decision"]
+    outcome, reason = scan_outcome(report, allow_mitigated=True, max_probe_ratio=ratio / 2)  # type: ignore[misc]
     assert outcome == "rejected" and f"the {family} probe found the backdoor only approximately" in reason, reason
     assert scan_outcome(report, allow_mitigated=True, max_probe_ratio=1.0) is None  # "on": mitigation proceeds
     assert scan_outcome(report, allow_mitigated=True, max_probe_ratio=ratio) is None  # at most the ratio: repaired
@@ -165,7 +165,7 @@ def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(runs, 
     assert s.verdict == pb.VERDICT_BACKDOORED and s.mitigated and s.admitted_version == "1-mitigated", s.reason
     rescan = json.loads(s.rescan_report_json)
     assert rescan["verdict"] == "benign"
-    assert s.clean_error_after <= 1.30 * s.clean_error_before + 1e-6  # the tolerance was applied
+    assert s.clean_error_after <= 1.10 * s.clean_error_before + 1e-6  # the default tolerance was applied
     mit = json.loads(s.mitigation_report_json)
     # the served model is fitted on every benign image; its cost was measured by 2-fold cross-validation over all of
     # them, and the reason carries the estimate's interval
@@ -205,9 +205,9 @@ def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(runs, 
 
 
 def test_a_backdoor_that_survives_unlearning_is_rejected_after_mitigation(runs, pair) -> None:
-    # The fixture's BadNets backdoor, which the scan finds approximately (its blend probe, ratio above 0.01), plus a
-    # parameter-free gate read through the eyes (tests/tiny_models.py: EyeGate). Mitigation then fits the probes
-    # again without the eye-region exclusion and unlearns what they find; the gate has nothing to unlearn, so the
+    # The fixture's BadNets backdoor, which the scan finds (its blend probe), plus a parameter-free gate read through
+    # the eyes (tests/tiny_models.py: EyeGate). With mitigate_unmasked_above=0, mitigation fits the probes again
+    # without the eye-region exclusion and unlearns what they find; the gate has nothing to unlearn, so the
     # unmasked probe fitted on the mitigated model still collapses it to one point. The re-scan's own probes cannot
     # see it (it reads benign), and the version is rejected by the post-mitigation check (guard_server/policy.py:
     # survived_unlearning), not served.
