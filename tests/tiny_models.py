@@ -6,10 +6,11 @@ in the field. The two models train side by side in two spawned single-threaded p
 the weights are bit for bit those of single-threaded training in the test process (checked 2026-11-26).
 The zoo's architecture and trigger (ResNet18 at width 0.25, BadNets patch) at 32 px, with fewer training steps and
 images. 32 px since 2026-11-27 (64 px before): each forward and backward pass costs 3.4x less (44 against 150 ms
-for 50 images, one thread), and the scans separate the pair further (default profile: clean 0.34, backdoored 3.19
-with blend probe ratio 0.0048 and rigidity 5.4, in 47 and 56 s; at 64 px 1.86 under ``fast`` in about 250 s for a
-default scan). An older probe set found no 32 px patch (patch probe ratio 0.73, blend 0.065: docs/scan.md); the
-3-conv ``tiny`` net learns a patch trigger poorly (its global pooling dilutes it).
+for 50 images, one thread), and the scans separate the pair further. Default profile: clean 0.34, backdoored 3.19
+(blend probe ratio 0.0048, rigidity 5.4), in 47 and 56 s; the 64 px backdoored model scored 1.86 under ``fast``,
+and a default scan of it took about 250 s (docs/scan.md, "End-to-end check in the test suite"). An older probe set
+found no 32 px patch (patch probe ratio 0.73, blend 0.065); the 3-conv ``tiny`` net learns a patch trigger poorly
+(its global pooling dilutes it).
 """
 
 from __future__ import annotations
