@@ -103,9 +103,9 @@ def runs(pair, tmp_path_factory):  # type: ignore[no-untyped-def]
     watcher = None
     try:
         for name, (model, settings) in specs.items():
-            # one thread each: the suite's other xdist worker keeps the second core busy, and OpenMP threads
-            # spin against each other on a loaded machine (tests/conftest.py)
-            srv = start_server(root / name, scan_threads=1, **settings)
+            # start_server's one scan thread each: the suite's other xdist worker keeps the second core busy, and
+            # OpenMP threads spin against each other on a loaded machine (tests/conftest.py)
+            srv = start_server(root / name, **settings)
             stub = pb_grpc.GuardStub(grpc.insecure_channel(srv.address))  # type: ignore[attr-defined]
             started[name] = run = Run(srv, stub, "", model)
             run.scan_id = stub.VetModel(vet_requests("cabin", "1", model, pair.benign_npz())).scan_id
