@@ -20,6 +20,7 @@ over the images.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,6 +31,7 @@ from torch import nn
 
 from .data.benign import BenignSet
 from .errors import ConfigError, DataError
+from .parallel import one_at_a_time, run_side_by_side
 from .scan import MitigationConfig, ScanProgress, ScanReport, _predict, mitigate
 from .tasks import Task, per_sample_error
 
@@ -94,13 +96,23 @@ def cross_validated_cost(
     device: str | torch.device = "cpu",
     progress: Callable[[ScanProgress], None] | None = None,
     cancel: Any = None,
+    workers: int = 1,
 ) -> CleanCost:
     """Mitigates a copy of ``model`` ``folds`` times, each on all of ``benign`` but one part, and measures each copy
     on the part it left out (module docstring). ``model`` itself is not changed. ``report`` is the scan's, as for
-    :func:`mitigate`; ``progress`` sees phase ``"cost k/K"``."""
+    :func:`mitigate`; ``progress`` sees phase ``"cost k/K"`` (from several threads in turn when ``workers`` > 1;
+    one call at a time).
+
+    ``workers`` > 1 runs that many folds side by side in threads, on the CPU only
+    (:func:`drmguard_engine.parallel.side_by_side` says how many the cores hold; each thread runs torch with the
+    caller's thread count). Every fold mitigates its own copy with its own
+    seeded generator, so the result does not depend on ``workers`` (tested: the same numbers to the last bit with
+    one torch thread)."""
     task = Task.parse(task)
     if benign.labels is None:
         raise DataError("the clean-error estimate needs labels in the benign set ('labels', (N, d) in degrees)")
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
     t0 = time.perf_counter()
     n = len(benign)
     parts = fold_indices(n, folds, seed)
@@ -108,21 +120,26 @@ def cross_validated_cost(
     images, labels = benign.images.to(dev), benign.labels.to(dev)
     before = _errors(model.to(dev), images, labels, task)
     after = torch.empty_like(before)
-    fold_rises = []
-    for k, part in enumerate(parts):
+    fold_rises = [0.0] * len(parts)
+    relay_to = one_at_a_time(progress)
+
+    def one(k: int, stop: Any) -> None:
+        part = parts[k]
         keep = torch.ones(n, dtype=torch.bool)
         keep[part] = False
         label = f"cost {k + 1}/{len(parts)}"
 
-        def relay(p: ScanProgress, label: str = label) -> None:
-            if progress is not None:
-                progress(ScanProgress(label, p.step, p.total, p.losses, p.perturbation_ratio, p.message))
+        def relay(p: ScanProgress) -> None:
+            if relay_to is not None:
+                relay_to(ScanProgress(label, p.step, p.total, p.losses, p.perturbation_ratio, p.message))
 
         fixed, _ = mitigate(copy.deepcopy(model), benign.subset(keep.nonzero().flatten()), task, report=report,
-                            config=config, holdout=benign.subset(part), device=dev, progress=relay, cancel=cancel)
+                            config=config, holdout=benign.subset(part), device=dev, progress=relay, cancel=stop)
         after[part] = _errors(fixed, images[part.to(dev)], labels[part.to(dev)], task)
-        fold_rises.append(float(after[part].sum() / before[part].sum().clamp_min(1e-12) - 1.0))
-        del fixed
+        fold_rises[k] = float(after[part].sum() / before[part].sum().clamp_min(1e-12) - 1.0)
+
+    run_side_by_side([functools.partial(one, k) for k in range(len(parts))],
+                     workers if dev.type == "cpu" else 1, cancel)
     lo, hi = bootstrap_rise(before, after, seed=seed)
     return CleanCost(before=float(before.mean()), after=float(after.mean()), n=n, folds=len(parts), rise_low=lo,
                      rise_high=hi, fold_rises=fold_rises, seconds=time.perf_counter() - t0)

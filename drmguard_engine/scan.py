@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import threading
 import time
@@ -41,6 +42,7 @@ from .data.benign import BenignSet
 from .defenses.drmguard import DRMGuardConfig, ReverseResult, perturbation_ratio, reverse_engineer
 from .defenses.probes import FAMILIES, ProbeConfig, ProbeResult, probe_rigidity, run_probes
 from .errors import CancelledError, ConfigError, DataError, UnsupportedModelError
+from .parallel import run_side_by_side
 from .tasks import Task, regression_error
 
 BENIGN = "benign"
@@ -338,6 +340,34 @@ def decide(cfg: ScanConfig, perturbation_ratio: float, output_variance_ratio: fl
     return score, 1.0, why
 
 
+def _reverse_and_probes(model: nn.Module, images: torch.Tensor, cfg: ScanConfig, emit: Callable[..., None],
+                        cancel: Any, side: int, own: Callable[[nn.Module], nn.Module]
+                        ) -> tuple[ReverseResult, list[ProbeResult]]:
+    """DRMGuard's reverse engineering and the probe families, one after the other or (``side`` > 1) side by side,
+    each family then fitted on its own (its batches come from its own seeded stream, so the result is the same).
+    The square search makes the patch probe the longest piece, the reverse engineering the next: they start
+    first."""
+    if cfg.probes is None or side <= 1:
+        rev = reverse_engineer(model, images, cfg.drmguard, progress=emit, cancel=cancel)
+        probes = run_probes(model, images, cfg.probes, progress=emit, cancel=cancel) if cfg.probes is not None else []
+        return rev, probes
+    pcfg = cfg.probes
+    families = sorted(pcfg.families, key=lambda f: f != "patch")  # stable: the rest keep their order
+
+    def reverse(stop: Any) -> ReverseResult:
+        return reverse_engineer(own(model), images, cfg.drmguard, progress=emit, cancel=stop)
+
+    def probe(stop: Any, family: str) -> ProbeResult:
+        return run_probes(own(model), images, pcfg.replace(families=(family,)), progress=emit, cancel=stop)[0]
+
+    calls: list[Callable[[Any], Any]] = [functools.partial(probe, family=f) for f in families]
+    calls.insert(1 if families[0] == "patch" else 0, reverse)
+    done = run_side_by_side(calls, side, cancel)
+    rev = next(r for r in done if isinstance(r, ReverseResult))
+    by_family = {r.family: r for r in done if isinstance(r, ProbeResult)}
+    return rev, [by_family[f] for f in pcfg.families]
+
+
 def scan(
     model: nn.Module,
     benign: BenignSet,
@@ -348,6 +378,7 @@ def scan(
     progress: Callable[[ScanProgress], None] | None = None,
     cancel: threading.Event | None = None,
     references: Sequence[nn.Module] = (),
+    workers: int = 1,
 ) -> ScanReport:
     """Scans one regression model for a backdoor.
 
@@ -361,6 +392,11 @@ def scan(
         progress: called with :class:`ScanProgress` events.
         cancel: when set, the scan stops with :class:`CancelledError` at the next step.
         references: optional previously vetted clean models of the same family (profile ``reference``).
+        workers: on the CPU, how many of the scan's independent pieces (the reverse engineering, each probe family,
+            each flagged family's rigidity check) run side by side in threads, each on its own copy of the model
+            with the caller's torch thread count (:mod:`drmguard_engine.parallel`; ``side_by_side()`` says how
+            many the cores hold). 1, the default, leaves the cores to a caller that runs several scans at once.
+            The report does not depend on it (tested).
 
     Returns:
         The report; a backdoor is a verdict, never an exception.
@@ -374,15 +410,22 @@ def scan(
     images = benign.images.to(dev)
     req = [p.requires_grad for p in model.parameters()]
 
+    said = threading.Lock()  # the pieces below may run in threads of their own
+
     def emit(phase: str, step: int, total: int, losses: dict[str, float], ratio: float | None) -> None:
         if progress is not None:
-            progress(ScanProgress(phase, step, total, losses, ratio))
+            with said:
+                progress(ScanProgress(phase, step, total, losses, ratio))
+
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    side = workers if dev.type == "cpu" else 1
+
+    def own(m: nn.Module) -> nn.Module:  # a piece beside others changes its model's layout: it gets a copy
+        return copy.deepcopy(m) if side > 1 else m
 
     try:
-        rev = reverse_engineer(model, images, cfg.drmguard, progress=emit, cancel=cancel)
-        probes: list[ProbeResult] = []
-        if cfg.probes is not None:
-            probes = run_probes(model, images, cfg.probes, progress=emit, cancel=cancel)
+        rev, probes = _reverse_and_probes(model, images, cfg, emit, cancel, side, own)
         refs: list[dict[str, float]] = []
         if cfg.profile == "reference" and references and cfg.probes is not None:
             for i, ref in enumerate(references):
@@ -394,10 +437,14 @@ def scan(
         probe_dicts = [_probe_dict(p) for p in probes]
         assert cfg.probes is not None or not probes
         flagged = needs_rigidity(cfg, probe_dicts, refs)
-        for d, pr in zip(probe_dicts, probes, strict=True):
-            if d["family"] in flagged:
-                d["rigidity"] = probe_rigidity(model, images, cfg.probes, d["family"], d["collapse_point"],
-                                               pr.transform, progress=emit, cancel=cancel)
+        checks = [(d, pr) for d, pr in zip(probe_dicts, probes, strict=True) if d["family"] in flagged]
+        found = run_side_by_side([
+            functools.partial(lambda stop, d, pr: probe_rigidity(own(model), images, cfg.probes, d["family"],
+                                                                 d["collapse_point"], pr.transform, progress=emit,
+                                                                 cancel=stop), d=d, pr=pr)
+            for d, pr in checks], side, cancel)
+        for (d, _), rig in zip(checks, found, strict=True):
+            d["rigidity"] = rig
     finally:
         for p, r in zip(model.parameters(), req, strict=True):
             p.requires_grad_(r)

@@ -30,3 +30,4 @@ def test_bootstrap_interval_of_the_relative_rise() -> None:
     after = torch.tensor([2.0, 4.0, 6.0, 12.0])
     lo, hi = bootstrap_rise(before, after, draws=4000)
     assert lo == pytest.approx(0.0) and 0.2 < hi <= 0.5
+

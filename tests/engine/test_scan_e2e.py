@@ -93,3 +93,89 @@ def test_cross_validated_cost_measures_every_image_on_a_model_that_never_saw_it(
     assert min(cost.fold_rises) <= cost.rise <= max(cost.fold_rises)  # pooled: a weighted mean of the folds
     assert {"cost 1/3", "cost 2/3", "cost 3/3"} <= set(seen)
     assert cost.to_dict()["rise"] == pytest.approx(cost.after / cost.before - 1.0)
+
+
+def test_cross_validation_folds_side_by_side_give_the_same_numbers_and_report_one_at_a_time(
+        scanned: dict[str, Any]) -> None:
+    """``workers`` only changes how the folds share the cores: each fold mitigates its own copy with its own seeded
+    generator, so with one torch thread the estimate is the same to the last bit; progress calls never overlap;
+    a fold that fails stops the others and its own error is the one raised (not the others' CancelledError)."""
+    import threading
+
+    from drmguard_engine.clean_cost import cross_validated_cost
+    from drmguard_engine.errors import CancelledError
+    from drmguard_engine.scan import MitigationConfig
+
+    bd, benign, report = scanned["bd"], scanned["train"], scanned["r_bd"]
+    cfg = MitigationConfig(steps=20)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = cross_validated_cost(bd, benign, "gaze", report=report, config=cfg, folds=3, workers=1)
+        inside, overlapped, seen = [0], [False], set()
+        lock = threading.Lock()
+
+        def watch(p: Any) -> None:
+            with lock:
+                inside[0] += 1
+                overlapped[0] |= inside[0] > 1
+            seen.add((p.phase, threading.get_ident()))
+            with lock:
+                inside[0] -= 1
+
+        side = cross_validated_cost(bd, benign, "gaze", report=report, config=cfg, folds=3, workers=3,
+                                    progress=watch)
+        assert side.after == serial.after and side.fold_rises == serial.fold_rises, (side, serial)
+        assert (side.rise_low, side.rise_high) == (serial.rise_low, serial.rise_high)
+        assert not overlapped[0]
+        assert {ph for ph, _ in seen} >= {"cost 1/3", "cost 2/3", "cost 3/3"}
+        assert len({t for _, t in seen}) > 1  # the folds really ran in threads of their own
+
+        def fail_in_fold_2(p: Any) -> None:
+            if p.phase == "cost 2/3" and p.step >= 5:
+                raise RuntimeError("fold 2 failed")
+
+        with pytest.raises(RuntimeError, match="fold 2 failed"):
+            cross_validated_cost(bd, benign, "gaze", report=report, config=cfg, folds=3, workers=3,
+                                 progress=fail_in_fold_2)
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(CancelledError):
+            cross_validated_cost(bd, benign, "gaze", report=report, config=cfg, folds=3, workers=2, cancel=stop)
+    finally:
+        torch.set_num_threads(threads)
+
+
+
+def _without_times(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _without_times(v) for k, v in d.items() if k not in ("seconds", "timings")}
+    if isinstance(d, list):
+        return [_without_times(v) for v in d]
+    return d
+
+
+def test_a_scan_with_its_pieces_side_by_side_reports_the_same_numbers(scanned: dict[str, Any]) -> None:
+    """``scan(workers=...)`` runs the reverse engineering, each probe family and each flagged family's rigidity check
+    in threads, each on its own copy of the model: with one torch thread the report is the same to the last bit as
+    one piece after the other. Small budgets; ``probe_threshold=2`` flags every family, so every rigidity check runs
+    too. The submitted model is left as it was."""
+    from drmguard_engine.scan import get_profile, scan
+
+    bd, benign = scanned["bd"], scanned["train"]
+    cfg = get_profile("default", "gaze", steps=10, probe_steps=12, probe_rigidity_steps=4, probe_threshold=2.0)
+    weights = {k: v.clone() for k, v in bd.state_dict().items()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = scan(bd, benign, "gaze", cfg, workers=1)
+        seen: list[str] = []
+        side = scan(bd, benign, "gaze", cfg, workers=3, progress=lambda p: seen.append(p.phase))
+    finally:
+        torch.set_num_threads(threads)
+    assert [p["family"] for p in side.probes] == list(cfg.probes.families)
+    assert all("rigidity" in p for p in side.probes)  # every family flagged, every check ran
+    assert _without_times(side.to_dict()) == _without_times(one.to_dict())
+    assert {"reverse", "probe", "rigidity", "decide"} <= set(seen)
+    assert all(torch.equal(v, bd.state_dict()[k]) for k, v in weights.items())
+    assert all(p.is_contiguous() for p in bd.parameters())  # the caller's model stays in the default layout
