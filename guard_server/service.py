@@ -392,6 +392,7 @@ class GuardCore:
                "mitigate_require_fit": self.settings.mitigate_require_fit,
                "mitigate_max_rescan_score": self.settings.mitigate_max_rescan_score,
                "holdout_fraction": self.settings.holdout_fraction, "cv_folds": self.settings.mitigate_cv_folds,
+               "parallel": self.settings.scan_parallel, "scan_workers": self.settings.resolved_workers,
                "out_dir": str(job_dir),
                "threads": self.settings.scan_threads}
         (job_dir / "job.json").write_text(json.dumps(job))

@@ -40,6 +40,11 @@ class ServerSettings:
     workers: int = 0  # scan workers; 0 = one per GPU, or 1 on the CPU
     queue_size: int = 16  # scans waiting for a worker; more -> RESOURCE_EXHAUSTED
     scan_threads: int = 0  # torch threads per scan process; 0 = torch's default
+    # on the CPU, how many independent pieces of one job run side by side in threads of its process, each with
+    # scan_threads torch threads: the scan's reverse engineering, probe families and rigidity checks, and the folds
+    # of the clean-error check (drmguard_engine.parallel). 0 = as many as the job's share of the cores (cores /
+    # workers) holds; 1 = one after the other. Verdicts and numbers do not depend on it
+    scan_parallel: int = 0
     grpc_threads: int = 32
     inference_threads: int = 0  # ONNX Runtime intra-op threads per served session; 0 = ORT's default (all cores)
     # ORT worker threads busy-wait between runs (ORT's default). Measured on 2 cores (docs/benchmarks-predict.md):
@@ -99,6 +104,8 @@ class ServerSettings:
             raise ValueError(f"tolerance must be in [0, 10] (a fraction; 0.1 = 10%), got {self.tolerance}")
         if self.mitigate_cv_folds != 0 and not 2 <= self.mitigate_cv_folds <= 20:
             raise ValueError(f"mitigate_cv_folds must be 0 (one hold-out split) or 2-20, got {self.mitigate_cv_folds}")
+        if not 0 <= self.scan_parallel <= 64:
+            raise ValueError(f"scan_parallel must be 0 (as many as the cores hold) or 1-64, got {self.scan_parallel}")
         if not 0.05 <= self.holdout_fraction <= 0.5:
             raise ValueError(f"holdout_fraction must be in [0.05, 0.5], got {self.holdout_fraction}")
         if self.inference_threads < 0:

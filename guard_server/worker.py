@@ -32,10 +32,15 @@ _OUT: TextIO | None = None
 _LAST_PROGRESS = [0.0]
 
 
+_EMIT = threading.Lock()  # the clean-error check's folds report progress from threads of their own
+
+
 def emit(ev: str, **fields: Any) -> None:
     assert _OUT is not None
-    _OUT.write(json.dumps({"ev": ev, **fields}, default=_json_default) + "\n")
-    _OUT.flush()
+    line = json.dumps({"ev": ev, **fields}, default=_json_default) + "\n"
+    with _EMIT:
+        _OUT.write(line)
+        _OUT.flush()
 
 
 def _json_default(o: Any) -> Any:
@@ -98,12 +103,16 @@ def run_job(job: dict[str, Any]) -> None:
     from drmguard_engine.data import load_benign_npz
     from drmguard_engine.errors import CancelledError
     from drmguard_engine.onnx_io import export_onnx, load_onnx_model
+    from drmguard_engine.parallel import side_by_side
     from drmguard_engine.scan import mitigate, mitigation_config, scan, unmasked_probes, unmasked_triggers
 
     cancel = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: cancel.set())
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
+    # the job's independent pieces side by side where its share of the cores allows (drmguard_engine.parallel);
+    # 0 = decided here, from this process's torch threads; a job written before the setting existed: one at a time
+    side = int(job.get("parallel", 1)) or side_by_side(torch.get_num_threads(), jobs=int(job.get("scan_workers", 1)))
     device = job["device"]
     task = job["task"]
     try:
@@ -120,7 +129,7 @@ def run_job(job: dict[str, Any]) -> None:
     emit("state", state="SCANNING")
     t0 = time.monotonic()
     report = scan(model, benign, task, config=job["profile"], device=device, progress=_progress_cb("scan"),
-                  cancel=cancel, references=refs)
+                  cancel=cancel, references=refs, workers=side)
     rep = report.to_dict()
     emit("scan_done", report=rep, seconds=time.monotonic() - t0, verdict=report.verdict,
          perturbation_ratio=_finite(report.perturbation_ratio))
@@ -164,7 +173,7 @@ def run_job(job: dict[str, Any]) -> None:
         after = clean_error(served, holdout, task, device)
     emit("state", state="MITIGATING", message="re-scanning the mitigated model")
     rescan = scan(served, benign, task, config=job["profile"], device=device, progress=_progress_cb("rescan"),
-                  cancel=cancel, references=refs)
+                  cancel=cancel, references=refs, workers=side)
     rdict = rescan.to_dict()
     # where unmasked probes were unlearned, they look again on the served model: the default re-scan's probes
     # cannot see a trigger read through the task region (measured: gaze Blend, mitigated without them, re-scans
@@ -182,7 +191,7 @@ def run_job(job: dict[str, Any]) -> None:
         emit("state", state="MITIGATING", message=f"measuring the clean-error cost ({folds}-fold cross-validation)")
         estimate = cross_validated_cost(submitted, benign, task, report=report, config=mcfg, folds=folds,
                                         seed=int(job["benign_sha256"][:8], 16), device=device,
-                                        progress=_progress_cb("cost"), cancel=cancel)
+                                        progress=_progress_cb("cost"), cancel=cancel, workers=side)
         before, after, cost = estimate.before, estimate.after, estimate.to_dict()
         mdict["clean_cost"] = cost  # the report's own clean_error_before/after are on the images it was fitted on
     emit("mitigation_done", report=mdict, clean_error_before=_finite(before), clean_error_after=_finite(after),

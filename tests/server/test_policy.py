@@ -166,3 +166,10 @@ def test_cross_validation_folds_are_validated() -> None:
     for bad in (1, -1, 21):
         with pytest.raises(ValueError, match="mitigate_cv_folds"):
             ServerSettings(mitigate_cv_folds=bad)
+
+
+def test_scan_parallel_is_validated() -> None:
+    assert ServerSettings().scan_parallel == 0 and ServerSettings(scan_parallel=3).scan_parallel == 3
+    for bad in (-1, 65):
+        with pytest.raises(ValueError, match="scan_parallel"):
+            ServerSettings(scan_parallel=bad)
