@@ -27,6 +27,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "--set epsilon=0.05 --set steps=500; probe options take a probe_ prefix")
     p.add_argument("--benign-fraction", type=float, default=1.0,
                    help="use only this fraction of D_be (the D_be-size ablation; default 1.0)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="on the CPU, independent pieces of the job (the scan's reverse engineering, probe families "
+                        "and rigidity checks; the --cv-folds folds) run side by side in threads, each with --threads "
+                        "torch threads (0, the default: as many as the cores hold; 1: one after the other). The "
+                        "report does not depend on it")
+
+
+def _workers(a: argparse.Namespace) -> int:
+    import torch
+
+    from .parallel import side_by_side
+
+    if a.workers < 0:
+        raise CliError(f"--workers must be 0 (as many as the cores hold) or at least 1, got {a.workers}")
+    return a.workers or side_by_side(torch.get_num_threads())
 
 
 def _load(a: argparse.Namespace, *, need_labels: bool) -> tuple[Any, Any, Any, str]:
@@ -94,11 +109,12 @@ def _run_scan(a: argparse.Namespace) -> dict[str, Any]:
     from .scan import get_profile, scan
 
     report_path = writable_path(a.report, "--report")
+    side = _workers(a)
     model, benign, task, device = _load(a, need_labels=False)
     cfg = get_profile(a.profile, task, **parse_overrides(a.set))
     bar = _Bar(a.quiet)
     try:
-        report = scan(model, benign, task, cfg, device=device, progress=bar)
+        report = scan(model, benign, task, cfg, device=device, progress=bar, workers=side)
     finally:
         bar.close()
     out = report.to_dict()
@@ -135,6 +151,7 @@ def _run_mitigate(a: argparse.Namespace) -> dict[str, Any]:
     out_path = writable_path(a.out, "--out")
     if a.cv_folds and a.cv_folds < 2:
         raise CliError(f"--cv-folds must be 0 (off) or at least 2 folds, got {a.cv_folds}")
+    side = _workers(a)
     model, benign, task, device = _load(a, need_labels=True)
     cfg = get_profile(a.profile, task, **parse_overrides(a.set))
     g = torch.Generator().manual_seed(0)
@@ -143,7 +160,7 @@ def _run_mitigate(a: argparse.Namespace) -> dict[str, Any]:
     hold, train_set = benign.subset(perm[:n_hold]), benign.subset(perm[n_hold:])
     bar = _Bar(a.quiet)
     try:
-        report = scan(model, train_set, task, cfg, device=device, progress=bar)
+        report = scan(model, train_set, task, cfg, device=device, progress=bar, workers=side)
         if not report.backdoored and not a.force:
             bar.close()
             result = {"verdict": report.verdict, "mitigated": False, "scan": report.to_dict(),
@@ -159,7 +176,7 @@ def _run_mitigate(a: argparse.Namespace) -> dict[str, Any]:
         cost = None
         if a.cv_folds:  # on the submitted model, before the mitigation below changes it in place
             cost = cross_validated_cost(model, benign, task, report=report, config=mcfg, folds=a.cv_folds,
-                                        device=device, progress=bar)
+                                        device=device, progress=bar, workers=side)
         mitigated, mrep = mitigate(model, train_set, task, report=report, config=mcfg, holdout=hold, device=device,
                                    progress=bar)
     finally:

@@ -66,12 +66,15 @@ def test_scan_wrong_task_and_unknown_profile(files: dict[str, Path]) -> None:
     assert r.returncode == 2 and "Traceback" not in r.stderr
     r = _run(*base, "--task", "gaze", "--profile", "nope")
     assert r.returncode == 2 and "unknown scan profile" in r.stderr
+    r = _run(*base, "--task", "gaze", "--workers", "-1")
+    assert r.returncode == 2 and "--workers must be" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_mitigate_force_writes_a_loadable_model(files: dict[str, Path]) -> None:
     out, rep = files["dir"] / "fixed.onnx", files["dir"] / "m.json"
     r = _run("mitigate", "--model", str(files["model"]), "--benign", str(files["benign"]), "--task", "gaze",
-             "--out", str(out), "--report", str(rep), "--force", "--steps", "5", "--cv-folds", "2", "--json", *SMALL)
+             "--out", str(out), "--report", str(rep), "--force", "--steps", "5", "--cv-folds", "2", "--workers", "2",
+             "--json", *SMALL)
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["mitigated"] is True and out.is_file()
