@@ -23,9 +23,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -143,26 +145,48 @@ def make_models(
 
     attack = get_attack("badnets", task=task, image_shape=(3, size, size), target=None, seed=seed, poison_rate=0.1)
     out: dict[str, Any] = {"benign": benign_path, "test_x": test_x, "test_y": test_y, "attack": attack}
-    for kind, atk in (("clean", None), ("backdoored", attack)):
-        t0 = time.monotonic()
-        last = [0.0]
+    kinds = {"clean": None, "backdoored": attack}
+    # built here, one after the other: the initial weights come from the seeded global generator
+    models = {kind: build_model("resnet18", task, input_size=size, width=width, seed=seed) for kind in kinds}
+    shown: dict[str, str] = {}
+    said = threading.Lock()
+    last = [0.0]
+    t0 = time.monotonic()
 
-        def progress(p: Any, kind: str = kind, t0: float = t0) -> None:
-            now = time.monotonic()
-            if now - last[0] >= 2.0 or p.step >= p.total:
-                last[0] = now
-                sys.stderr.write(f"\r  training {kind:<10} step {p.step}/{p.total} loss {p.loss:.3f} "
-                                 f"({now - t0:.0f} s)   ")
-                sys.stderr.flush()
+    def train_one(kind: str) -> None:
+        if threads > 0:
+            torch.set_num_threads(threads)  # per thread: OpenMP gives a new thread the default count
 
-        model = build_model("resnet18", task, input_size=size, width=width, seed=seed)
-        train(model, train_x, train_y, task=task, steps=steps, attack=atk, seed=seed, progress=progress)
-        sys.stderr.write("\n")
+        def progress(p: Any) -> None:
+            with said:
+                now = time.monotonic()
+                shown[kind] = f"{kind} step {p.step}/{p.total} loss {p.loss:.3f}"
+                if now - last[0] >= 2.0 or p.step >= p.total:
+                    last[0] = now
+                    sys.stderr.write(f"\r  training {', '.join(shown.values())} ({now - t0:.0f} s)   ")
+                    sys.stderr.flush()
+
+        train(models[kind], train_x, train_y, task=task, steps=steps, attack=kinds[kind], seed=seed,
+              progress=progress)
+
+    # Side by side where the cores allow (each trains with its own seeded batches, so the models do not depend on
+    # it): the two trainings are most of the demo's wait before the first scan.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    side_by_side = threads > 0 and cores >= 2 * threads
+    if side_by_side:
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="demo-train") as pool:
+            for f in [pool.submit(train_one, kind) for kind in kinds]:
+                f.result()
+    else:
+        for kind in kinds:
+            train_one(kind)
+    sys.stderr.write("\n")
+    for kind, model in models.items():
         path = work / f"{kind}.onnx"
         export_onnx(model.cpu().eval(), path, input_shape=(3, size, size))
         out[kind] = path
-        _say(f"  {kind} model: {path.name} ({path.stat().st_size / 1e6:.2f} MB, trained in "
-             f"{time.monotonic() - t0:.0f} s)")
+        _say(f"  {kind} model: {path.name} ({path.stat().st_size / 1e6:.2f} MB)")
+    _say(f"  trained in {time.monotonic() - t0:.0f} s" + (" (side by side)" if side_by_side else ""))
     return out
 
 
@@ -247,9 +271,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for training the demo models and for each scan (the server's "
+                   help="torch threads for training the demo models and for each piece of a scan (the server's "
                         "--scan-threads); default 1: on a small, shared CPU one thread avoids OpenMP stalls when "
-                        "other processes compete; 0 = torch's default")
+                        "other processes compete, and the two models train side by side, as do the pieces of each "
+                        "scan (the server's --scan-parallel), where the cores allow; 0 = torch's default")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (models, data, log)")
     return p.parse_args(argv)
 
