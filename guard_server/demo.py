@@ -132,6 +132,7 @@ def make_models(
     from drmguard_engine.data.benign import save_benign_npz
     from drmguard_engine.data.synthetic import make_dataset
     from drmguard_engine.models import build_model
+    from drmguard_engine import parallel
     from drmguard_engine.onnx_io import export_onnx
     from drmguard_engine.training import train
 
@@ -171,8 +172,7 @@ def make_models(
 
     # Side by side where the cores allow (each trains with its own seeded batches, so the models do not depend on
     # it): the two trainings are most of the demo's wait before the first scan.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    side_by_side = threads > 0 and cores >= 2 * threads
+    side_by_side = threads > 0 and parallel.side_by_side(threads) >= 2
     if side_by_side:
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="demo-train") as pool:
             for f in [pool.submit(train_one, kind) for kind in kinds]:

@@ -32,7 +32,7 @@ _OUT: TextIO | None = None
 _LAST_PROGRESS = [0.0]
 
 
-_EMIT = threading.Lock()  # the clean-error check's folds report progress from threads of their own
+_EMIT = threading.Lock()  # a job's pieces side by side (drmguard_engine.parallel) report from threads of their own
 
 
 def emit(ev: str, **fields: Any) -> None:
