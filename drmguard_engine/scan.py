@@ -40,7 +40,7 @@ from torch import nn
 
 from .data.benign import BenignSet
 from .defenses.drmguard import DRMGuardConfig, ReverseResult, perturbation_ratio, reverse_engineer
-from .defenses.probes import FAMILIES, ProbeConfig, ProbeResult, probe_rigidity, run_probes
+from .defenses.probes import FAMILIES, ProbeConfig, ProbeResult, probe_rigidity, probe_setup, run_probes
 from .errors import CancelledError, ConfigError, DataError, UnsupportedModelError
 from .parallel import run_side_by_side
 from .tasks import Task, regression_error
@@ -353,12 +353,14 @@ def _reverse_and_probes(model: nn.Module, images: torch.Tensor, cfg: ScanConfig,
         return rev, probes
     pcfg = cfg.probes
     families = sorted(pcfg.families, key=lambda f: f != "patch")  # stable: the rest keep their order
+    setup = probe_setup(model, images, pcfg)  # the split, outputs and exclusion every family shares: once
 
     def reverse(stop: Any) -> ReverseResult:
         return reverse_engineer(own(model), images, cfg.drmguard, progress=emit, cancel=stop)
 
     def probe(stop: Any, family: str) -> ProbeResult:
-        return run_probes(own(model), images, pcfg.replace(families=(family,)), progress=emit, cancel=stop)[0]
+        return run_probes(own(model), images, pcfg.replace(families=(family,)), progress=emit, cancel=stop,
+                          setup=setup)[0]
 
     calls: list[Callable[[Any], Any]] = [functools.partial(probe, family=f) for f in families]
     calls.insert(1 if families[0] == "patch" else 0, reverse)

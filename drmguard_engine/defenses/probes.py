@@ -363,6 +363,33 @@ def _in_layout(fn: _F) -> _F:
     return run  # type: ignore[return-value]
 
 
+@dataclass
+class ProbeSetup:
+    """What every family's fit shares: the split of D_be, the model's outputs and their variances on each half, the
+    saliency exclusion and the largest held-out L1 norm (:func:`probe_setup`)."""
+
+    fit: torch.Tensor
+    held: torch.Tensor
+    out_fit: torch.Tensor
+    out_held: torch.Tensor
+    var_fit: torch.Tensor
+    var_held: torch.Tensor
+    exclude: torch.Tensor | None
+    max_l1: torch.Tensor
+
+
+@_in_layout
+def probe_setup(model: nn.Module, images: torch.Tensor, cfg: ProbeConfig) -> ProbeSetup:
+    """The shared part of :func:`run_probes`, computed once where the families are fitted one call each (a scan's
+    pieces side by side): the same tensors, in ``cfg.memory_format``, as :func:`run_probes` computes itself."""
+    fit, held, out_fit, out_held, var_fit, var_held = _prepare(model, images, cfg)
+    exclude = None
+    if any(f in cfg.exclude_families for f in cfg.families) and cfg.exclude_fraction > 0:
+        exclude = saliency_exclusion(model, fit[: cfg.saliency_images], cfg.exclude_fraction, cfg.exclude_dilate)
+    max_l1 = held.abs().flatten(1).sum(1).max().clamp_min(1e-12)
+    return ProbeSetup(fit, held, out_fit, out_held, var_fit, var_held, exclude, max_l1)
+
+
 @_in_layout
 def run_probes(
     model: nn.Module,
@@ -371,13 +398,18 @@ def run_probes(
     *,
     progress: Callable[[str, int, int, dict[str, float], float | None], None] | None = None,
     cancel: Any = None,
+    setup: ProbeSetup | None = None,
 ) -> list[ProbeResult]:
-    """Fits each probe family on one half of ``images`` and scores it on the other half."""
-    fit, held, out_fit, out_held, var_fit, var_held = _prepare(model, images, cfg)
-    exclude = None
-    if any(f in cfg.exclude_families for f in cfg.families) and cfg.exclude_fraction > 0:
-        exclude = saliency_exclusion(model, fit[: cfg.saliency_images], cfg.exclude_fraction, cfg.exclude_dilate)
-    max_l1 = held.abs().flatten(1).sum(1).max().clamp_min(1e-12)
+    """Fits each probe family on one half of ``images`` and scores it on the other half. ``setup``: the shared
+    part, from :func:`probe_setup` with a config of the same families (or more), in place of computing it here."""
+    if setup is None:
+        setup = probe_setup.__wrapped__(model, images, cfg)  # type: ignore[attr-defined]  # already in layout
+    else:
+        for p in model.parameters():  # as _prepare leaves the model: frozen, in eval mode
+            p.requires_grad_(False)
+        model.eval()
+    fit, held, out_fit, out_held = setup.fit, setup.held, setup.out_fit, setup.out_held
+    var_fit, var_held, exclude, max_l1 = setup.var_fit, setup.var_held, setup.exclude, setup.max_l1
     results = []
     steps = cfg.steps_for(*images.shape[-2:])
     total = steps * len(cfg.families)
