@@ -1,0 +1,89 @@
+"""What ``--mitigate-unmasked-above 0`` costs: the served repair with and without the unmasked probes, per zoo model.
+
+After a probe-decided backdoored verdict, mitigation also fits the blend/smooth probes without the scan's eye-region
+exclusion and unlearns what they find when the deciding probe's ratio is above ``MitigationConfig.unmasked_above``
+(default 0.01). The service repairs only models whose deciding ratio is at most 0.01, so by default it never fits
+them there; at 0 it always does (a second trigger read through the eyes would be unlearned too). For each backdoored
+zoo model the service would repair, this scans it once (``default``, D_be = 400 images, seed 777), mitigates it on
+all of D_be at each ``--settings`` value, and reads the repaired model on ``--n-test`` fresh images: clean error
+(RE) rise, AE and DAE with the real trigger, the triggers unlearned, the seconds.
+
+Usage::
+
+    .venv/bin/python benchmarks/unmasked_cost.py --zoo .bench/zoo --out docs/results/unmasked_cost.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.scan_tables import benign_set  # noqa: E402
+from drmguard_engine.attacks import load_attack  # noqa: E402
+from drmguard_engine.data.synthetic import make_dataset  # noqa: E402
+from drmguard_engine.onnx_io import load_onnx_model  # noqa: E402
+from drmguard_engine.parallel import side_by_side  # noqa: E402
+from drmguard_engine.scan import mitigate, mitigation_config, scan  # noqa: E402
+from drmguard_engine.training import evaluate  # noqa: E402
+from guard_server.policy import mitigation_refusal  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--zoo", type=Path, default=ROOT / ".bench" / "zoo")
+    p.add_argument("--out", type=Path, required=True, help="JSON lines, one per model and setting (appended)")
+    p.add_argument("--settings", default="0.01,0", help="unmasked_above values (default 0.01,0)")
+    p.add_argument("--n-test", type=int, default=2000)
+    p.add_argument("--threads", type=int, default=1)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    side = side_by_side(a.threads)
+    settings = [float(v) for v in a.settings.split(",")]
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    for meta in sorted(a.zoo.rglob("meta.json")):
+        e = json.loads(meta.read_text())
+        d, task, size = meta.parent, e["task"], int(e["size"])
+        if not e["backdoored"]:
+            continue
+        t0 = time.time()
+        benign = benign_set(task, size, 400, 777)
+        model = load_onnx_model(d / "model.onnx")
+        report = scan(model, benign, task, "default", workers=side)
+        name = f"{task}-{e['kind']}-{d.name}"
+        refusal = mitigation_refusal(report.to_dict(), 0.01) if report.verdict == "backdoored" else "not flagged"
+        if refusal:
+            print(f"{name}: skipped ({refusal[:80]})", flush=True)
+            continue
+        xte, yte = make_dataset(task, a.n_test, size=size, seed=int(e.get("data_seed", 0)) + 20_000)
+        attack = load_attack(d / "attack.npz")
+        orig = evaluate(model, xte, yte, task, attack=attack)
+        for above in settings:
+            t1 = time.time()
+            mcfg = dataclasses.replace(mitigation_config(None, report), unmasked_above=above)
+            fixed, mrep = mitigate(copy.deepcopy(model), benign, task, report=report, config=mcfg)
+            fin = evaluate(fixed, xte, yte, task, attack=attack)
+            row = {"model": name, "task": task, "kind": e["kind"], "unmasked_above": above,
+                   "decision": report.decision[:60], "triggers": mrep.triggers,
+                   "re": [round(orig["re"], 3), round(fin["re"], 3)], "rise": round(fin["re"] / orig["re"] - 1, 4),
+                   "ae": [round(orig["ae"], 2), round(fin["ae"], 2)], "dae": [round(orig["dae"], 2),
+                                                                              round(fin["dae"], 2)],
+                   "seconds": round(time.time() - t1, 1), "scan_seconds": round(t1 - t0, 1)}
+            print(json.dumps(row), flush=True)
+            with a.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
