@@ -36,14 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.scan_tables import benign_set  # noqa: E402
-from drmguard_engine.attacks import load_attack  # noqa: E402
+from benchmarks.zoo_repairs import backdoored_models  # noqa: E402
 from drmguard_engine.clean_cost import cross_validated_cost  # noqa: E402
-from drmguard_engine.data.synthetic import make_dataset  # noqa: E402
-from drmguard_engine.onnx_io import load_onnx_model  # noqa: E402
-from drmguard_engine.scan import mitigate, mitigation_config, scan  # noqa: E402
+from drmguard_engine.scan import mitigate, mitigation_config, repeat_config  # noqa: E402
 from drmguard_engine.training import evaluate  # noqa: E402
-from guard_server.policy import mitigation_refusal  # noqa: E402
 from guard_server.worker import split_holdout  # noqa: E402
 
 
@@ -73,27 +69,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     done = {json.loads(line)["model"] for line in a.out.read_text().splitlines()} if a.out.exists() else set()
-    for meta in sorted(a.zoo.rglob("meta.json")):
-        e = json.loads(meta.read_text())
-        d, task, size = meta.parent, e["task"], int(e["size"])
-        name = f"{task}-{e['kind']}-{d.name}"
-        if not e["backdoored"] or name in done or (a.only and not any(s in str(meta) for s in a.only.split(","))):
-            continue
-        t0 = time.time()
-        benign = benign_set(task, size, 400, 777)
+    for z in backdoored_models(a.zoo, only=a.only, skip=done, profile=a.profile, device=a.device):
+        t0 = time.time() - z.scan_seconds
+        model, benign, task, report = z.model, z.benign, z.task, z.report
         buf = io.BytesIO()  # the bytes a registry would upload: the service seeds its split with their sha256
         np.savez(buf, images=(benign.images.numpy() * 255).round().astype(np.uint8), labels=benign.labels.numpy())
         train_idx, hold_idx = split_holdout(len(benign), 0.2, hashlib.sha256(buf.getvalue()).hexdigest())
-        model = load_onnx_model(d / "model.onnx")
-        report = scan(model, benign, task, a.profile, device=a.device)
-        row = {"model": name, "task": task, "kind": e["kind"], "verdict": report.verdict,
-               "scan_seconds": round(time.time() - t0, 1)}
-        refusal = mitigation_refusal(report.to_dict(), 0.01) if report.verdict == "backdoored" else "not flagged"
-        if refusal:
-            _write(a.out, row | {"skipped": refusal[:120]})
+        row = {"model": z.name, "task": task, "kind": z.kind, "verdict": report.verdict, "scan_seconds": z.scan_seconds}
+        if z.refusal:
+            _write(a.out, row | {"skipped": z.refusal[:120]})
             continue
-        xte, yte = make_dataset(task, a.n_test, size=size, seed=int(e.get("data_seed", 0)) + 20_000)
-        attack = load_attack(d / "attack.npz")
+        xte, yte = z.test_set(a.n_test)
+        attack = z.attack()
         orig = evaluate(model, xte, yte, task, attack=attack, device=a.device)
         mcfg = mitigation_config(None, report)
         if a.mitigate_steps:
@@ -105,11 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         split_test = evaluate(split_model, xte, yte, task, device=a.device)["re"]
         row |= {"split": _rise(srep.clean_error_before, srep.clean_error_after), "split_test": _rise(orig["re"],
                                                                                                     split_test)}
-        cost = cross_validated_cost(model, benign, task, report=report, config=mcfg, folds=a.folds, device=a.device)
-        row |= {"cv": round(cost.rise, 4), "cv_low": round(cost.rise_low, 4), "cv_high": round(cost.rise_high, 4),
-                "cv_folds": [round(r, 4) for r in cost.fold_rises], "cv_seconds": round(cost.seconds, 1)}
-        final, _ = mitigate(copy.deepcopy(model), benign, task, report=report, config=mcfg, device=a.device)
+        final, frep = mitigate(copy.deepcopy(model), benign, task, report=report, config=mcfg, device=a.device)
         fin = evaluate(final, xte, yte, task, attack=attack, device=a.device)
+        # the folds repeat the served repair's recipe (with the unmasked probes where it escalated), as the service
+        cost = cross_validated_cost(model, benign, task, report=report, config=repeat_config(mcfg, frep),
+                                    folds=a.folds, device=a.device)
+        row |= {"cv": round(cost.rise, 4), "cv_low": round(cost.rise_low, 4), "cv_high": round(cost.rise_high, 4),
+                "cv_folds": [round(r, 4) for r in cost.fold_rises], "cv_seconds": round(cost.seconds, 1),
+                "escalated": frep.escalated}
         row |= {"final_test": _rise(orig["re"], fin["re"]), "re": [round(orig["re"], 3), round(fin["re"], 3)],
                 "ae": [round(orig["ae"], 2), round(fin["ae"], 2)], "dae": [round(orig["dae"], 2), round(fin["dae"], 2)],
                 "seconds": round(time.time() - t0, 1)}

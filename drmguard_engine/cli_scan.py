@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -145,7 +146,7 @@ def _run_mitigate(a: argparse.Namespace) -> dict[str, Any]:
 
     from .clean_cost import cross_validated_cost
     from .onnx_io import export_onnx
-    from .scan import MitigationConfig, get_profile, mitigate, scan
+    from .scan import MitigationConfig, get_profile, mitigate, repeat_config, scan
 
     report_path = writable_path(a.report, "--report")
     out_path = writable_path(a.out, "--out")
@@ -172,13 +173,14 @@ def _run_mitigate(a: argparse.Namespace) -> dict[str, Any]:
             return {k: result[k] for k in ("verdict", "mitigated", "message")}
         # the paper profile mitigates as the paper does (labels) unless told otherwise
         targets = a.targets or ("labels" if report.profile == "paper" else "teacher")
-        mcfg = MitigationConfig(steps=a.steps, lr=a.lr, targets=targets, probe_triggers=a.probe_triggers)
+        mcfg = MitigationConfig(steps=a.steps, lr=a.lr, targets=targets, probe_triggers=a.probe_triggers,
+                                unmasked_check=not a.no_unmasked_check)
         cost = None
-        if a.cv_folds:  # on the submitted model, before the mitigation below changes it in place
-            cost = cross_validated_cost(model, benign, task, report=report, config=mcfg, folds=a.cv_folds,
-                                        device=device, progress=bar, workers=side)
-        mitigated, mrep = mitigate(model, train_set, task, report=report, config=mcfg, holdout=hold, device=device,
-                                   progress=bar)
+        mitigated, mrep = mitigate(copy.deepcopy(model) if a.cv_folds else model, train_set, task, report=report,
+                                   config=mcfg, holdout=hold, device=device, progress=bar)
+        if a.cv_folds:  # on the submitted model, with the recipe the repair above ended with
+            cost = cross_validated_cost(model, benign, task, report=report, config=repeat_config(mcfg, mrep),
+                                        folds=a.cv_folds, device=device, progress=bar, workers=side)
     finally:
         bar.close()
     export_onnx(mitigated.cpu(), out_path, input_shape=tuple(model.input_shape), input_name=model.input_name,
@@ -191,11 +193,18 @@ def _run_mitigate(a: argparse.Namespace) -> dict[str, Any]:
         m = mrep
         print(f"mitigated -> {out_path}: clean error {m.clean_error_before:.2f} -> {m.clean_error_after:.2f} deg, "
               f"reversed-trigger error {m.reversed_error_before:.2f} -> {m.reversed_error_after:.2f} deg")
+        if m.escalated:
+            print("the backdoor survived the first repair (a probe fitted without the eye-region exclusion still "
+                  f"collapsed the outputs: {_ratios(m.unmasked_check)}); repaired again with the unmasked probes")
         if cost is not None:
             print(f"cross-validated clean-error cost ({cost.folds} folds, {cost.n} images): {cost.before:.2f} -> "
                   f"{cost.after:.2f} deg ({cost.rise:+.1%}, 95% interval {cost.rise_low:+.1%} to {cost.rise_high:+.1%})")
         return None  # type: ignore[return-value]
     return {"verdict": report.verdict, "mitigated": True, "out": str(out_path), **mdict}
+
+
+def _ratios(triggers: dict[str, dict[str, Any]]) -> str:
+    return ", ".join(f"{k} variance ratio {float(v['variance_ratio']):.4f}" for k, v in triggers.items())
 
 
 def _add_mitigate(p: argparse.ArgumentParser) -> None:
@@ -215,6 +224,9 @@ def _add_mitigate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-triggers", choices=["flagged", "decisive"], default="flagged",
                    help="which probes' reversed triggers join D_rp: every probe below the threshold (flagged, "
                         "default) or the best one only (decisive)")
+    p.add_argument("--no-unmasked-check", action="store_true",
+                   help="do not fit the probes without the eye-region exclusion on the repaired model (by default, "
+                        "where one still collapses its outputs the model is repaired again with them)")
     p.add_argument("--force", action="store_true", help="fine-tune even when the scan finds no backdoor")
 
 

@@ -547,6 +547,13 @@ class MitigationConfig:
     # service fits the unmasked probes again on the mitigated model and rejects it when one still collapses the
     # outputs to one point (guard_server/policy.py: survived_unlearning), not to a steerable direction
     unmasked_rigidity_below: float = 0.01
+    # where the unmasked probes were not fitted (the deciding probe's ratio at or below ``unmasked_above``), fit them
+    # on the mitigated model: when one still collapses its outputs to one point (:func:`found_triggers`, the
+    # service's survival gate), the backdoor was read through the task region and survived, so the submitted model
+    # is mitigated again with them in D_rp (the ``unmasked_above=0`` repair). Good repairs keep the cheaper recipe
+    # (at 0, 3 of 8 zoo repairs failed the service's clean-error check); a surviving one gets the unmasked probes.
+    # Measured side by side in docs/scan.md, "Fitting the unmasked probes only when the backdoor survived".
+    unmasked_check: bool = True
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.batch_size <= 1 or not self.lr > 0:
@@ -583,6 +590,10 @@ class MitigationReport:
     # each probe trigger in D_rp: its held-out output-variance ratio and, where measured, its collapse-point
     # rigidity (the scan's flagged probes, then the unmasked ones fitted after the verdict)
     probe_triggers: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    # MitigationConfig.unmasked_check: the unmasked probes fitted on the first repair (empty when the check did not
+    # run), and whether one survived it so that the model was mitigated again with them in D_rp
+    unmasked_check: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    escalated: bool = False
 
     @property
     def clean_error_increase(self) -> float:
@@ -657,6 +668,26 @@ def unmasked_triggers(unmasked: Sequence[tuple[ProbeResult, dict[str, Any] | Non
                                            "rigidity": float(rig["rigidity"]) if rig else None} for p, rig in unmasked}
 
 
+def found_triggers(probe_triggers: dict[str, dict[str, Any]] | None, max_ratio: float,
+                   rigidity_threshold: float) -> list[str]:
+    """The unmasked probe triggers (:func:`unmasked_triggers`) that collapse the outputs: variance ratio at most
+    ``max_ratio`` and collapse-point rigidity at least ``rigidity_threshold`` (the scan's; none count when it is 0,
+    the scan's rigidity check switched off)."""
+    if rigidity_threshold <= 0:
+        return []
+    return [name for name, t in (probe_triggers or {}).items()
+            if name.endswith("_unmasked") and float(t.get("variance_ratio", 1.0)) <= max_ratio
+            and float(t.get("rigidity") or 0.0) >= rigidity_threshold]
+
+
+def repeat_config(config: MitigationConfig, mitigation: MitigationReport) -> MitigationConfig:
+    """The settings that repeat ``mitigation``'s recipe (on a cross-validation fold): with the unmasked probes
+    where it was mitigated again with them (:attr:`MitigationReport.escalated`), without the check either way, so a
+    fold's cost is the cost of the repair that is served."""
+    above = 0.0 if mitigation.escalated else config.unmasked_above
+    return dataclasses.replace(config, unmasked_above=above, unmasked_check=False)
+
+
 def _reversed_inputs(
     report: ScanReport, model: nn.Module, probe_triggers: str = "decisive",
     unmasked: Sequence[tuple[ProbeResult, dict[str, Any] | None]] = (),
@@ -721,7 +752,9 @@ def mitigate(
     """Unlearns the reversed backdoor: fine-tunes all of f with L1 on D_be (true labels) + D_rp (reversed inputs
     with the *true* labels). ``benign`` must carry labels. ``holdout`` (labels too) measures clean error before
     and after and is never trained on (defaults to D_be itself). Where a probe decided the verdict with a ratio
-    above ``config.unmasked_above``, :func:`unmasked_probes` are fitted on ``benign`` and join D_rp."""
+    above ``config.unmasked_above``, :func:`unmasked_probes` are fitted on ``benign`` and join D_rp; otherwise,
+    with ``config.unmasked_check``, they are fitted on the mitigated model, and where one still collapses it the
+    model is mitigated again, from ``model`` as it was, with them in D_rp (``MitigationReport.escalated``)."""
     task = Task.parse(task)
     cfg = mitigation_config(config, report)
     if benign.labels is None:
@@ -731,96 +764,137 @@ def mitigate(
     model = model.to(dev)
     if report is None or report.reverse is None:
         report = scan(model, benign, task, scan_config, device=dev, progress=progress, cancel=cancel)
-    x_tr, y_tr = benign.images.to(dev), benign.labels.to(dev)
+    x_tr = benign.images.to(dev)
     hold = holdout if holdout is not None else benign
     if hold.labels is None:
         raise DataError("the mitigation hold-out set needs labels")
-    x_ho, y_ho = hold.images.to(dev), hold.labels.to(dev)
+    run = _Unlearning(task, cfg, report, x_tr, benign.labels.to(dev), hold.images.to(dev), hold.labels.to(dev), dev,
+                      progress, cancel)
     unmasked = unmasked_probes(model.eval(), x_tr, report, cfg.unmasked_families, when_above=cfg.unmasked_above,
                                rigidity_below=cfg.unmasked_rigidity_below, progress=progress, cancel=cancel)
-    transforms = _reversed_inputs(report, model.eval(), cfg.probe_triggers, unmasked)
-    if not transforms:
-        raise ConfigError("the scan report carries no reversed trigger to unlearn")
-    # the transformation that decided the verdict measures the reversed-trigger errors; all of them build D_rp
-    decisive = next((t for t in transforms if "probe" in report.decision and t[0].startswith("probe")), transforms[0])
-    name, fn, _, _ = decisive
+    rigid = float(report.config.get("rigidity_threshold") or 0.0)
+    check = (cfg.unmasked_check and not unmasked and rigid > 0 and bool(cfg.unmasked_families)
+             and needs_unmasked(report, -1.0))
+    submitted = copy.deepcopy(model) if check else None
+    run.unlearn(model, unmasked)
+    found: dict[str, dict[str, Any]] = {}
+    escalated = False
+    if submitted is not None:
+        found = unmasked_triggers(unmasked_probes(
+            model.eval(), x_tr, report, cfg.unmasked_families, when_above=-1.0,
+            rigidity_below=cfg.unmasked_rigidity_below, progress=progress, cancel=cancel))
+        if found_triggers(found, cfg.unmasked_rigidity_below, rigid):
+            escalated = True
+            model = submitted
+            unmasked = unmasked_probes(model.eval(), x_tr, report, cfg.unmasked_families, when_above=-1.0,
+                                       rigidity_below=cfg.unmasked_rigidity_below, progress=progress, cancel=cancel)
+            run.unlearn(model, unmasked)
+    return model, dataclasses.replace(run.report, seconds=time.perf_counter() - t0, unmasked_check=found,
+                                      escalated=escalated)
 
-    def apply_all(x: torch.Tensor, fn: Callable = fn) -> torch.Tensor:
-        return torch.cat([fn(x[i : i + 128]) for i in range(0, x.shape[0], 128)])
 
-    target = torch.tensor(report.estimated_target, device=dev)[None]
+class _Unlearning:
+    """One fine-tuning of a model on D_be + D_rp (the body of :func:`mitigate`, run again when it escalates)."""
 
-    def errors() -> tuple[float, float, float]:
+    def __init__(self, task: Task, cfg: MitigationConfig, report: ScanReport, x_tr: torch.Tensor, labels: torch.Tensor,
+                 x_ho: torch.Tensor, y_ho: torch.Tensor, dev: torch.device,
+                 progress: Callable[[ScanProgress], None] | None, cancel: threading.Event | None) -> None:
+        self.task, self.cfg, self.scan_report, self.dev = task, cfg, report, dev
+        self.x_tr, self.labels, self.x_ho, self.y_ho = x_tr, labels, x_ho, y_ho
+        self.progress, self.cancel = progress, cancel
+        self.report: MitigationReport | None = None
+
+    def unlearn(self, model: nn.Module, unmasked: Sequence[tuple[ProbeResult, dict[str, Any] | None]]) -> None:
+        """Fine-tunes ``model`` in place; its :class:`MitigationReport` (less the total seconds) goes to
+        ``self.report``."""
+        task, cfg, report, dev = self.task, self.cfg, self.scan_report, self.dev
+        x_tr, y_tr, x_ho, y_ho = self.x_tr, self.labels, self.x_ho, self.y_ho
+        progress, cancel = self.progress, self.cancel
+        t0 = time.perf_counter()
+        transforms = _reversed_inputs(report, model.eval(), cfg.probe_triggers, unmasked)
+        if not transforms:
+            raise ConfigError("the scan report carries no reversed trigger to unlearn")
+        # the transformation that decided the verdict measures the reversed-trigger errors; all of them build D_rp
+        decisive = next((t for t in transforms if "probe" in report.decision and t[0].startswith("probe")),
+                        transforms[0])
+        name, fn, _, _ = decisive
+
+        def apply_all(x: torch.Tensor, fn: Callable = fn) -> torch.Tensor:
+            return torch.cat([fn(x[i : i + 128]) for i in range(0, x.shape[0], 128)])
+
+        target = torch.tensor(report.estimated_target, device=dev)[None]
+
+        def errors() -> tuple[float, float, float]:
+            model.eval()
+            with torch.no_grad():
+                clean = regression_error(task, _predict(model, x_ho), y_ho)
+                xp = apply_all(x_ho)
+                out_p = _predict(model, xp)
+                return clean, regression_error(task, out_p, y_ho), regression_error(task, out_p, target)
+
+        # D_rp is built once, from the scan's generator as it was (before fine-tuning changes the attention map)
+        if cfg.targets == "teacher":
+            model.eval()
+            with torch.no_grad():
+                y_tr = _predict(model, x_tr).detach()
+        x_rp = torch.cat([apply_all(x_tr, f) for _, f, _, _ in transforms]).detach()
+        y_rp = y_tr.repeat(len(transforms), 1)
+        before = errors()
+        # refreshed probes are copies: the report's own triggers (and the before/after measurement) stay as scanned
+        refreshable = [(k, copy.deepcopy(m)) for k, (_, _, m, _) in enumerate(transforms) if m is not None]
+        gen = torch.Generator().manual_seed(cfg.seed)
+        params = [p for p in model.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=cfg.lr)
+        half = max(1, cfg.batch_size // 2)
+        n = x_tr.shape[0]
+        # eval mode: BatchNorm keeps its running statistics (imported ONNX models usually have BN folded anyway)
         model.eval()
-        with torch.no_grad():
-            clean = regression_error(task, _predict(model, x_ho), y_ho)
-            xp = apply_all(x_ho)
-            out_p = _predict(model, xp)
-            return clean, regression_error(task, out_p, y_ho), regression_error(task, out_p, target)
-
-    # D_rp is built once, from the scan's generator as it was (before fine-tuning changes the attention map)
-    if cfg.targets == "teacher":
+        for step in range(cfg.steps):
+            if cancel is not None and cancel.is_set():
+                raise CancelledError("mitigation cancelled")
+            if cfg.refresh_every and step and step % cfg.refresh_every == 0:
+                for k, probe in refreshable:
+                    _refit_probe(model, probe, x_tr, cfg.refresh_steps, gen)
+                    x_rp[k * n : (k + 1) * n] = apply_all(x_tr, lambda x, pr=probe: _no_grad(pr, x))
+            i = torch.randperm(n, generator=gen)[:half].to(dev)
+            j = torch.randperm(x_rp.shape[0], generator=gen)[:half].to(dev)
+            xb = torch.cat([x_tr[i], x_rp[j]])
+            yb = torch.cat([y_tr[i], y_rp[j]])
+            nb_on = cfg.neighbourhood_sigma > 0 and refreshable
+            n_nb = int(round(cfg.neighbourhood_share * j.numel())) if nb_on else 0
+            if n_nb:
+                _, probe = refreshable[int(torch.randint(len(refreshable), (1,), generator=gen))]
+                k = torch.randperm(n, generator=gen)[:n_nb].to(dev)
+                off = i.numel()  # the D_rp part of the batch starts here
+                xb[off : off + k.numel()] = _neighbour(probe, cfg.neighbourhood_sigma, gen)(x_tr[k])
+                yb[off : off + k.numel()] = y_tr[k]
+            loss = (model(xb) - yb).abs().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if progress is not None and (step % 10 == 0 or step == cfg.steps - 1):
+                progress(ScanProgress("mitigate", step + 1, cfg.steps, {"l1": float(loss.detach())}, None))
+        for p in params:
+            p.requires_grad_(False)
         model.eval()
-        with torch.no_grad():
-            y_tr = _predict(model, x_tr).detach()
-    x_rp = torch.cat([apply_all(x_tr, f) for _, f, _, _ in transforms]).detach()
-    y_rp = y_tr.repeat(len(transforms), 1)
-    before = errors()
-    # refreshed probes are copies: the report's own triggers (and the before/after measurement) stay as scanned
-    refreshable = [(k, copy.deepcopy(m)) for k, (_, _, m, _) in enumerate(transforms) if m is not None]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    params = [p for p in model.parameters()]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    half = max(1, cfg.batch_size // 2)
-    n = x_tr.shape[0]
-    # eval mode: BatchNorm keeps its running statistics (imported ONNX models usually have BN folded anyway)
-    model.eval()
-    for step in range(cfg.steps):
-        if cancel is not None and cancel.is_set():
-            raise CancelledError("mitigation cancelled")
-        if cfg.refresh_every and step and step % cfg.refresh_every == 0:
-            for k, probe in refreshable:
-                _refit_probe(model, probe, x_tr, cfg.refresh_steps, gen)
-                x_rp[k * n : (k + 1) * n] = apply_all(x_tr, lambda x, pr=probe: _no_grad(pr, x))
-        i = torch.randperm(n, generator=gen)[:half].to(dev)
-        j = torch.randperm(x_rp.shape[0], generator=gen)[:half].to(dev)
-        xb = torch.cat([x_tr[i], x_rp[j]])
-        yb = torch.cat([y_tr[i], y_rp[j]])
-        nb_on = cfg.neighbourhood_sigma > 0 and refreshable
-        n_nb = int(round(cfg.neighbourhood_share * j.numel())) if nb_on else 0
-        if n_nb:
-            _, probe = refreshable[int(torch.randint(len(refreshable), (1,), generator=gen))]
-            k = torch.randperm(n, generator=gen)[:n_nb].to(dev)
-            off = i.numel()  # the D_rp part of the batch starts here
-            xb[off : off + k.numel()] = _neighbour(probe, cfg.neighbourhood_sigma, gen)(x_tr[k])
-            yb[off : off + k.numel()] = y_tr[k]
-        loss = (model(xb) - yb).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if progress is not None and (step % 10 == 0 or step == cfg.steps - 1):
-            progress(ScanProgress("mitigate", step + 1, cfg.steps, {"l1": float(loss.detach())}, None))
-    for p in params:
-        p.requires_grad_(False)
-    model.eval()
-    after = errors()
-    return model, MitigationReport(
-        clean_error_before=before[0],
-        clean_error_after=after[0],
-        reversed_error_before=before[1],
-        reversed_error_after=after[1],
-        target_error_before=before[2],
-        target_error_after=after[2],
-        holdout_size=int(x_ho.shape[0]),
-        train_size=int(n),
-        steps=cfg.steps,
-        seconds=time.perf_counter() - t0,
-        triggers=[t[0] for t in transforms],
-        targets=cfg.targets,
-        probe_triggers={t[0]: t[3] for t in transforms if t[3] is not None},
-    )
+        after = errors()
+        self.report = MitigationReport(
+            clean_error_before=before[0],
+            clean_error_after=after[0],
+            reversed_error_before=before[1],
+            reversed_error_after=after[1],
+            target_error_before=before[2],
+            target_error_after=after[2],
+            holdout_size=int(x_ho.shape[0]),
+            train_size=int(n),
+            steps=cfg.steps,
+            seconds=time.perf_counter() - t0,
+            triggers=[t[0] for t in transforms],
+            targets=cfg.targets,
+            probe_triggers={t[0]: t[3] for t in transforms if t[3] is not None},
+        )
 
 
 def _neighbour(probe: nn.Module, sigma: float, gen: torch.Generator) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -876,11 +950,13 @@ __all__ = [
     "ScanReport",
     "decide",
     "deciding_family",
+    "found_triggers",
     "get_profile",
     "list_profiles",
     "mitigate",
     "needs_unmasked",
     "perturbation_ratio",
+    "repeat_config",
     "scan",
     "unmasked_probes",
     "unmasked_triggers",

@@ -18,13 +18,15 @@ trigger does *not* decide admission: on gaze multi-target WaNet it collapsed the
 variance with rigidity 8.0, and after mitigation the real trigger still worked (AE 3.55, DAE 27.6 degrees). It is a
 gate after mitigation instead (:func:`found_triggers`): an unmasked probe fitted on the mitigated model that still
 collapses the outputs rigidly means the backdoor survived (gaze Blend mitigated without them: 0.0001, rigidity 27).
+Below ``mitigate_unmasked_above`` the engine runs that gate itself after the first repair and, where a probe still
+collapses the model, repairs the submitted model again with the unmasked probes (``MitigationConfig.unmasked_check``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from drmguard_engine.scan import deciding_family
+from drmguard_engine.scan import deciding_family, found_triggers
 
 
 def deciding_probe(report: dict[str, Any]) -> dict[str, Any] | None:
@@ -32,18 +34,6 @@ def deciding_probe(report: dict[str, Any]) -> dict[str, Any] | None:
     decided)."""
     family = deciding_family(str(report.get("decision", "")))
     return next((p for p in report.get("probes") or [] if family and p.get("family") == family), None)
-
-
-def found_triggers(probe_triggers: dict[str, dict[str, Any]] | None, max_ratio: float,
-                   rigidity_threshold: float) -> list[str]:
-    """The unmasked probe triggers (``drmguard_engine.scan.unmasked_triggers``) that collapse the outputs: variance
-    ratio at most ``max_ratio`` and collapse-point rigidity at least ``rigidity_threshold`` (the scan's; none count
-    when it is 0, the scan's rigidity check switched off)."""
-    if rigidity_threshold <= 0:
-        return []
-    return [name for name, t in (probe_triggers or {}).items()
-            if name.endswith("_unmasked") and float(t.get("variance_ratio", 1.0)) <= max_ratio
-            and float(t.get("rigidity") or 0.0) >= rigidity_threshold]
 
 
 def survived_unlearning(report: dict[str, Any], unmasked_after: dict[str, dict[str, Any]] | None,

@@ -63,6 +63,10 @@ class ServerSettings:
     # trigger was found only approximately. 0 = always, which also looks for a second backdoor read through the
     # eyes behind one found precisely, at some clean-error cost (more triggers unlearned; docs/service.md)
     mitigate_unmasked_above: float = 0.01
+    # below that ratio, fit the unmasked probes on the repaired model instead, and where one still collapses it (the
+    # backdoor survived, read through the eyes) repair the submitted model again with them (MitigationConfig.
+    # unmasked_check; measured: gaze Blend at 0.0068 repaired and admitted, the other zoo repairs unchanged)
+    mitigate_unmasked_check: bool = True
     # a backdoored model that does not fit its benign set's labels (the scan's benign_fit warning) is not repaired:
     # the repair and its clean-error check would be fitted on data the model was not made for (fail closed)
     mitigate_require_fit: bool = True

@@ -104,7 +104,8 @@ def run_job(job: dict[str, Any]) -> None:
     from drmguard_engine.errors import CancelledError
     from drmguard_engine.onnx_io import export_onnx, load_onnx_model
     from drmguard_engine.parallel import side_by_side
-    from drmguard_engine.scan import mitigate, mitigation_config, scan, unmasked_probes, unmasked_triggers
+    from drmguard_engine.scan import (mitigate, mitigation_config, repeat_config, scan, unmasked_probes,
+                                      unmasked_triggers)
 
     cancel = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: cancel.set())
@@ -149,6 +150,8 @@ def run_job(job: dict[str, Any]) -> None:
     mcfg = mitigation_config(None, report)
     if "mitigate_unmasked_above" in job:
         mcfg = dataclasses.replace(mcfg, unmasked_above=float(job["mitigate_unmasked_above"]))
+    # a job written before the check existed (resumed after an upgrade) runs without it, as it was submitted
+    mcfg = dataclasses.replace(mcfg, unmasked_check=bool(job.get("mitigate_unmasked_check", False)))
     folds = min(int(job.get("cv_folds", 0)), len(benign))
     if folds >= 2:
         # the served model is mitigated on every benign image; its clean-error cost is measured afterwards, by
@@ -178,7 +181,8 @@ def run_job(job: dict[str, Any]) -> None:
     # where unmasked probes were unlearned, they look again on the served model: the default re-scan's probes
     # cannot see a trigger read through the task region (measured: gaze Blend, mitigated without them, re-scans
     # benign while an unmasked blend probe still collapses it to 0.0001, rigidity 27; docs/scan.md)
-    unmasked_after: dict[str, Any] = {}
+    # (the engine's own check, where it ran and found nothing, looked at these weights before their export)
+    unmasked_after: dict[str, Any] = dict(mrep.unmasked_check)
     if any(name.endswith("_unmasked") for name in mrep.probe_triggers):
         unmasked_after = unmasked_triggers(unmasked_probes(
             served.eval(), train_set.images.to(device), report, mcfg.unmasked_families, when_above=0.0,
@@ -189,8 +193,8 @@ def run_job(job: dict[str, Any]) -> None:
     cost: dict[str, Any] = {}
     if folds >= 2 and rescan.verdict == "benign" and rescan.score <= max_rescan and not survived:
         emit("state", state="MITIGATING", message=f"measuring the clean-error cost ({folds}-fold cross-validation)")
-        estimate = cross_validated_cost(submitted, benign, task, report=report, config=mcfg, folds=folds,
-                                        seed=int(job["benign_sha256"][:8], 16), device=device,
+        estimate = cross_validated_cost(submitted, benign, task, report=report, config=repeat_config(mcfg, mrep),
+                                        folds=folds, seed=int(job["benign_sha256"][:8], 16), device=device,
                                         progress=_progress_cb("cost"), cancel=cancel, workers=side)
         before, after, cost = estimate.before, estimate.after, estimate.to_dict()
         mdict["clean_cost"] = cost  # the report's own clean_error_before/after are on the images it was fitted on

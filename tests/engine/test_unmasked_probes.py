@@ -16,29 +16,39 @@ import torch
 from torch import nn
 
 from drmguard_engine.data.benign import BenignSet
-from drmguard_engine.scan import RIGIDITY_THRESHOLD, get_profile, scan, unmasked_probes, unmasked_triggers
+from drmguard_engine.scan import (
+    RIGIDITY_THRESHOLD,
+    MitigationConfig,
+    get_profile,
+    mitigate,
+    repeat_config,
+    scan,
+    unmasked_probes,
+    unmasked_triggers,
+)
 from guard_server.policy import found_triggers, survived_unlearning
 
 
 class _Switch(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, level: float = 0.58) -> None:
         super().__init__()
+        self.level = level  # the centre's blue mean that flips the switch (above 1: never)
         self.register_buffer("target", torch.tensor([-20.0, 25.0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         centre = x[:, :, h // 2 - 6 : h // 2 + 6, w // 2 - 6 : w // 2 + 6]
         content = (centre[:, :2].mean((2, 3)) - 0.5) * 600
-        s = torch.sigmoid(100 * (centre[:, 2].mean((1, 2)) - 0.58))[:, None]
+        s = torch.sigmoid(100 * (centre[:, 2].mean((1, 2)) - self.level))[:, None]
         return (1 - s) * content + s * self.target
 
 
 class _EyeSwitch(nn.Module):
     """f = H o F with F the switch above and H the identity (the scan's feature-space term needs both)."""
 
-    def __init__(self) -> None:
+    def __init__(self, level: float = 0.58) -> None:
         super().__init__()
-        self.features, self.head = _Switch(), nn.Linear(2, 2)
+        self.features, self.head = _Switch(level), nn.Linear(2, 2)
         with torch.no_grad():
             self.head.weight.copy_(torch.eye(2))
             self.head.bias.zero_()
@@ -101,3 +111,49 @@ def test_the_service_rejects_a_mitigated_model_that_an_unmasked_probe_still_coll
     # the scan's own probes never count this way, nor anything when the scan ran without the rigidity check
     assert found_triggers({"probe_blend": {"variance_ratio": 0.0001, "rigidity": 35.0}}, 0.01, 1.7) == []
     assert survived_unlearning({**scan_report, "config": {"rigidity_threshold": 0.0}}, still, 0.01) == ""
+
+
+def _unmasked_in(mrep) -> list[str]:
+    """The unmasked probe triggers a repair unlearned."""
+    return [t for t in mrep.triggers if t.endswith("_unmasked")]
+
+
+def _decided_precisely(model: nn.Module, images: torch.Tensor):
+    """A fast scan of ``model`` recorded as if its blend probe had decided a backdoor at 0.005, below the ratio
+    above which mitigation fits the unmasked probes up front (0.01): the zoo's gaze Blend decided at 0.0068."""
+    report = scan(model, BenignSet(images, None), "gaze", get_profile("fast", "gaze", steps=5))
+    report = dataclasses.replace(report, verdict="backdoored",
+                                 decision="blend probe variance ratio 0.0050 vs 0.0500 (calibrated)")
+    report.probes[[p["family"] for p in report.probes].index("blend")]["variance_ratio"] = 0.005
+    report.config["rigidity_threshold"] = RIGIDITY_THRESHOLD
+    return report
+
+
+def test_mitigation_repairs_again_with_the_unmasked_probes_only_where_the_backdoor_survived() -> None:
+    images = torch.rand(200, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cfg = MitigationConfig(steps=5, targets="labels")
+    # the switch has no weights, so no fine-tuning removes it: the check on the first repair finds it
+    model = _EyeSwitch().eval()
+    with torch.no_grad():
+        benign = BenignSet(images, model(images))
+    report = _decided_precisely(model, images)
+    fixed, mrep = mitigate(model, benign, "gaze", report=report, config=cfg)
+    assert mrep.escalated
+    check = mrep.unmasked_check["probe_blend_unmasked"]
+    assert check["variance_ratio"] < 0.01 and check["rigidity"] >= RIGIDITY_THRESHOLD
+    assert "probe_blend_unmasked" in _unmasked_in(mrep)  # the second repair unlearned what the check found
+    assert mrep.to_dict()["escalated"] is True
+    # its folds repeat the repair that was served: unmasked probes from the start, no second check
+    again = repeat_config(cfg, mrep)
+    assert again.unmasked_above == 0.0 and not again.unmasked_check
+    # switched off: one repair, no check
+    _, off = mitigate(_EyeSwitch().eval(), benign, "gaze", report=report,
+                      config=dataclasses.replace(cfg, unmasked_check=False))
+    assert not off.escalated and off.unmasked_check == {} and not _unmasked_in(off)
+    # a model the unmasked probes cannot collapse (the switch out of reach): checked, kept after the first repair
+    plain = _EyeSwitch(level=5.0).eval()
+    report = _decided_precisely(plain, images)
+    _, kept = mitigate(plain, benign, "gaze", report=report, config=cfg)
+    assert not kept.escalated and not _unmasked_in(kept)
+    assert kept.unmasked_check["probe_blend_unmasked"]["variance_ratio"] > 0.01
+    assert repeat_config(cfg, kept).unmasked_above == cfg.unmasked_above
