@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-rescan-score", type=float, default=0.5, help="the server's --mitigate-max-rescan-score")
     p.add_argument("--cv-folds", type=int, default=5, help="the server's --mitigate-cv-folds (0: one hold-out split)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-unmasked-check", action="store_true", help="the server's --no-mitigate-unmasked-check")
     a = p.parse_args(argv)
+    a.out, a.zoo = a.out.resolve(), a.zoo.resolve()  # the worker runs in each model's own directory
     metas = [m for m in sorted(a.zoo.rglob("meta.json")) if json.loads(m.read_text())["backdoored"]]
     for i, meta in enumerate(metas):
         if i % a.parts != a.part or (a.only and not any(k in str(meta) for k in a.only.split(","))):
@@ -85,19 +87,25 @@ def main(argv: list[str] | None = None) -> int:
                "benign_sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "reference_paths": [], "task": task,
                "profile": "default", "device": a.device, "allow_mitigated": True, "tolerance": 0.1,
                "mitigate_max_probe_ratio": 0.01, "mitigate_max_rescan_score": a.max_rescan_score,
-               "holdout_fraction": 0.2, "cv_folds": a.cv_folds, "out_dir": str(out), "threads": 1}
+               "holdout_fraction": 0.2, "cv_folds": a.cv_folds, "out_dir": str(out), "threads": 1,
+               "mitigate_unmasked_above": 0.01, "mitigate_unmasked_check": not a.no_unmasked_check}
         ev = run_worker(job, out)
         row: dict[str, Any] = {"model": name, "task": task, "kind": e["kind"]}
         if "scan_done" in ev:
             row["decision"] = ev["scan_done"]["report"]["decision"]
-        if ev.get("mitigation_done", {}).get("report", {}).get("clean_cost"):
-            row["clean_cost"] = ev["mitigation_done"]["report"]["clean_cost"]
+        mit = ev.get("mitigation_done", {}).get("report", {})
+        if mit.get("clean_cost"):
+            row["clean_cost"] = mit["clean_cost"]
+        if mit:
+            row |= {"escalated": mit.get("escalated"), "unmasked_check": mit.get("unmasked_check"),
+                    "triggers": mit.get("triggers")}
         if "result" in ev:
             row["outcome"], row["reason"] = ev["result"].get("outcome"), ev["result"].get("reason", "")
         if "rescan_done" in ev:
             rep = ev["rescan_done"]["report"]
             row["rescan_score"] = rep["score"]
             row["rescan_min_probe"] = min((x["variance_ratio"] for x in rep.get("probes") or []), default=None)
+            row["unmasked_after"] = ev["rescan_done"].get("unmasked_after")
         if "failed" in ev:
             row["failed"] = ev["failed"]
         if (out / "mitigated.onnx").exists():

@@ -83,8 +83,9 @@ def runs(pair, tmp_path_factory):  # type: ignore[no-untyped-def]
     - ``on``: every detection may be repaired, with the default 10% clean-error tolerance and 2-fold
       cross-validation;
     - ``gate``: the same, for the backdoored model with a second, unlearnable backdoor (EyeGate), with the probes
-      always fitted again without the eye-region exclusion (``mitigate_unmasked_above=0``) and the single hold-out
-      split (``mitigate_cv_folds=0``), so that path runs in the suite too.
+      fitted without the eye-region exclusion only by the check after the first repair (``mitigate_unmasked_above``
+      raised to 0.5, so the scan's ratio can never start with them) and the single hold-out split
+      (``mitigate_cv_folds=0``), so those paths run in the suite too.
     """
     from drmguard_engine.onnx_io import export_onnx
 
@@ -96,7 +97,7 @@ def runs(pair, tmp_path_factory):  # type: ignore[no-untyped-def]
         # (95% interval -1.6% to +5.5%; measured 2026-11-27 with drmguard_engine.clean_cost). The 64 px pair needed
         # 30% (+17%, interval +10% to +25%)
         "on": (bd, dict(mitigate_max_probe_ratio=1.0, mitigate_cv_folds=2)),
-        "gate": (gated, dict(mitigate_max_probe_ratio=1.0, mitigate_unmasked_above=0.0, mitigate_cv_folds=0)),
+        "gate": (gated, dict(mitigate_max_probe_ratio=1.0, mitigate_unmasked_above=0.5, mitigate_cv_folds=0)),
         "off": (bd, dict(allow_mitigated=False)),
     }
     started: dict[str, Run] = {}
@@ -181,6 +182,9 @@ def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(runs, 
     deciding = [p["variance_ratio"] for p in scanned["probes"] if scanned["decision"].startswith(p["family"] + " ")]
     if not deciding or deciding[0] <= 0.01:
         assert not [t for t in mit["triggers"] if t.endswith("_unmasked")], mit["triggers"]
+    if deciding and deciding[0] <= 0.01:
+        # instead they were fitted on the repair (MitigationConfig.unmasked_check), which they no longer collapse
+        assert mit["unmasked_check"] and not mit["escalated"], mit
 
     (m,) = stub.ListModels(pb.ListModelsRequest(name="cabin")).models
     assert m.served_version == "1-mitigated"
@@ -206,11 +210,11 @@ def test_backdoored_model_is_served_only_as_a_mitigated_rescanned_version(runs, 
 
 def test_a_backdoor_that_survives_unlearning_is_rejected_after_mitigation(runs, pair) -> None:
     # The fixture's BadNets backdoor, which the scan finds (its blend probe), plus a parameter-free gate read through
-    # the eyes (tests/tiny_models.py: EyeGate). With mitigate_unmasked_above=0, mitigation fits the probes again
-    # without the eye-region exclusion and unlearns what they find; the gate has nothing to unlearn, so the
-    # unmasked probe fitted on the mitigated model still collapses it to one point. The re-scan's own probes cannot
-    # see it (it reads benign), and the version is rejected by the post-mitigation check (guard_server/policy.py:
-    # survived_unlearning), not served.
+    # the eyes (tests/tiny_models.py: EyeGate). The first repair unlearns the scan's triggers; the probes fitted on
+    # it without the eye-region exclusion still collapse it (MitigationConfig.unmasked_check), so the submitted model
+    # is repaired again with them in D_rp. The gate has nothing to unlearn, so the unmasked probe fitted on the
+    # served model still collapses it to one point. The re-scan's own probes cannot see it (it reads benign), and the
+    # version is rejected by the post-mitigation check (guard_server/policy.py: survived_unlearning), not served.
     import torch
 
     gated = EyeGate(pair.backdoored, pair.benign.images).eval()
@@ -225,6 +229,7 @@ def test_a_backdoor_that_survives_unlearning_is_rejected_after_mitigation(runs, 
     assert "the backdoor survived unlearning" in s.reason and "probe_blend_unmasked" in s.reason, s.reason
     assert not s.mitigated and s.admitted_version == ""
     mit = json.loads(s.mitigation_report_json)
+    assert mit["escalated"] and mit["unmasked_check"]["probe_blend_unmasked"]["variance_ratio"] < 0.01, mit
     assert mit["probe_triggers"]["probe_blend_unmasked"]["variance_ratio"] < 0.01  # it was found and unlearned
     assert json.loads(s.rescan_report_json)["verdict"] == "benign"  # what the re-scan alone would have admitted
     assert _predict_code(stub, "cabin", x[:2].numpy()) == grpc.StatusCode.NOT_FOUND
