@@ -37,12 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--family", default="warp")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="probe settings (ProbeConfig fields)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     meta = json.loads((a.zoo_model / "meta.json").read_text())
     task, benign = meta["task"], benign_set(meta["task"], int(meta["size"]), 400, 777)
     attack = load_attack(a.zoo_model / "attack.npz")
-    cfg = get_profile("default", task).probes
+    cfg = get_profile("default", task).probes.replace(**{k: type(getattr(get_profile("default", task).probes, k))(v)
+                                                          for k, v in (kv.split("=", 1) for kv in a.set)})
     models = [("submitted", a.zoo_model / "model.onnx")] + ([("mitigated", a.mitigated)] if a.mitigated else [])
     for name, path in models:
         model = load_onnx_model(path).eval()
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                                   "mean_output": [round(v, 2) for v in out.mean(0).tolist()]}), flush=True)
         for seed in (int(s) for s in a.seeds.split(",")):
             r = run_probes(model, x, cfg.replace(families=(a.family,), seed=seed))[0]
-            print(json.dumps({"model": name, "probe": a.family, "seed": seed,
+            print(json.dumps({"model": name, "probe": a.family, "seed": seed, "set": a.set,
                               "variance_ratio": round(float(r.variance_ratio), 4),
                               "collapse_point": [round(v, 2) for v in r.collapse_point]}), flush=True)
     return 0

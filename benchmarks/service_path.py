@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cv-folds", type=int, default=5, help="the server's --mitigate-cv-folds (0: one hold-out split)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-unmasked-check", action="store_true", help="the server's --no-mitigate-unmasked-check")
+    p.add_argument("--extra-seeds", type=int, default=2, help="the server's --mitigate-extra-seeds")
     a = p.parse_args(argv)
     a.out, a.zoo = a.out.resolve(), a.zoo.resolve()  # the worker runs in each model's own directory
     metas = [m for m in sorted(a.zoo.rglob("meta.json")) if json.loads(m.read_text())["backdoored"]]
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
                "profile": "default", "device": a.device, "allow_mitigated": True, "tolerance": 0.1,
                "mitigate_max_probe_ratio": 0.01, "mitigate_max_rescan_score": a.max_rescan_score,
                "holdout_fraction": 0.2, "cv_folds": a.cv_folds, "out_dir": str(out), "threads": 1,
-               "mitigate_unmasked_above": 0.01, "mitigate_unmasked_check": not a.no_unmasked_check}
+               "mitigate_unmasked_above": 0.01, "mitigate_unmasked_check": not a.no_unmasked_check,
+               "mitigate_extra_seeds": a.extra_seeds}
         ev = run_worker(job, out)
         row: dict[str, Any] = {"model": name, "task": task, "kind": e["kind"]}
         if "scan_done" in ev:

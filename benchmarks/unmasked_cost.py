@@ -43,10 +43,11 @@ from drmguard_engine.scan import MitigationConfig, mitigate, mitigation_config, 
 from drmguard_engine.training import evaluate  # noqa: E402
 
 
-def _config(setting: str, base: MitigationConfig) -> MitigationConfig:
+def _config(setting: str, base: MitigationConfig, overrides: list[str]) -> MitigationConfig:
+    fields = {k: type(getattr(base, k))(v) for k, v in (kv.split("=", 1) for kv in overrides)}
     if setting == "check":
-        return dataclasses.replace(base, unmasked_check=True)
-    return dataclasses.replace(base, unmasked_above=float(setting), unmasked_check=False)
+        return dataclasses.replace(base, unmasked_check=True, **fields)
+    return dataclasses.replace(base, unmasked_above=float(setting), unmasked_check=False, **fields)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default="", help="comma-separated substrings of the model's path")
     p.add_argument("--cv-folds", type=int, default=0,
                    help="also the service's cross-validated estimate with this many folds (0: off)")
+    p.add_argument("--mitigation", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="MitigationConfig fields for every setting (e.g. extra_seeds=2)")
     p.add_argument("--no-final", action="store_true", help="skip the test-set reading of the repair on all of D_be")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
@@ -78,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         orig = evaluate(model, xte, yte, task, attack=attack)
         for setting in settings:
             t1 = time.time()
-            mcfg = _config(setting, mitigation_config(None, report))
-            row = {"model": z.name, "task": task, "kind": z.kind, "unmasked_above": mcfg.unmasked_above,
+            mcfg = _config(setting, mitigation_config(None, report), a.mitigation)
+            row = {"model": z.name, "task": task, "kind": z.kind, "mitigation": a.mitigation,
+                   "unmasked_above": mcfg.unmasked_above,
                    "unmasked_check": mcfg.unmasked_check, "decision": report.decision[:60],
                    "scan_seconds": z.scan_seconds}
             fixed, mrep = mitigate(copy.deepcopy(model), benign, task, report=report, config=mcfg)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,7 +32,8 @@ from torch import nn
 from .data.benign import BenignSet
 from .errors import ConfigError, DataError
 from .parallel import one_at_a_time, run_side_by_side
-from .scan import MitigationConfig, ScanProgress, ScanReport, _predict, mitigate
+from .defenses.probes import ProbeResult
+from .scan import MitigationConfig, ScanProgress, ScanReport, _predict, extra_probes, mitigate, mitigation_config
 from .tasks import Task, per_sample_error
 
 
@@ -97,6 +98,7 @@ def cross_validated_cost(
     progress: Callable[[ScanProgress], None] | None = None,
     cancel: Any = None,
     workers: int = 1,
+    extra: Sequence[ProbeResult] | None = None,
 ) -> CleanCost:
     """Mitigates a copy of ``model`` ``folds`` times, each on all of ``benign`` but one part, and measures each copy
     on the part it left out (module docstring). ``model`` itself is not changed. ``report`` is the scan's, as for
@@ -107,7 +109,9 @@ def cross_validated_cost(
     (:func:`drmguard_engine.parallel.side_by_side` says how many the cores hold; each thread runs torch with the
     caller's thread count). Every fold mitigates its own copy with its own
     seeded generator, so the result does not depend on ``workers`` (tested: the same numbers to the last bit with
-    one torch thread)."""
+    one torch thread). The deciding family's other triggers (:func:`drmguard_engine.scan.extra_probes`, where
+    ``config.extra_seeds`` asks for them) are searched once on the whole set, or taken from ``extra``, and every
+    fold unlearns them, as the scan's own triggers (also fitted on the whole set)."""
     task = Task.parse(task)
     if benign.labels is None:
         raise DataError("the clean-error estimate needs labels in the benign set ('labels', (N, d) in degrees)")
@@ -119,6 +123,8 @@ def cross_validated_cost(
     dev = torch.device(device)
     images, labels = benign.images.to(dev), benign.labels.to(dev)
     before = _errors(model.to(dev), images, labels, task)
+    if extra is None:
+        extra = extra_probes(copy.deepcopy(model), images, report, mitigation_config(config, report), cancel=cancel)
     after = torch.empty_like(before)
     fold_rises = [0.0] * len(parts)
     relay_to = one_at_a_time(progress)
@@ -134,7 +140,8 @@ def cross_validated_cost(
                 relay_to(ScanProgress(label, p.step, p.total, p.losses, p.perturbation_ratio, p.message))
 
         fixed, _ = mitigate(copy.deepcopy(model), benign.subset(keep.nonzero().flatten()), task, report=report,
-                            config=config, holdout=benign.subset(part), device=dev, progress=relay, cancel=stop)
+                            config=config, holdout=benign.subset(part), device=dev, progress=relay, cancel=stop,
+                            extra=extra)
         after[part] = _errors(fixed, images[part.to(dev)], labels[part.to(dev)], task)
         fold_rises[k] = float(after[part].sum() / before[part].sum().clamp_min(1e-12) - 1.0)
 

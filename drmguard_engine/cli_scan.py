@@ -174,7 +174,8 @@ def _run_mitigate(a: argparse.Namespace) -> dict[str, Any]:
         # the paper profile mitigates as the paper does (labels) unless told otherwise
         targets = a.targets or ("labels" if report.profile == "paper" else "teacher")
         mcfg = MitigationConfig(steps=a.steps, lr=a.lr, targets=targets, probe_triggers=a.probe_triggers,
-                                unmasked_check=not a.no_unmasked_check)
+                                unmasked_check=not a.no_unmasked_check,
+                                extra_seeds=MitigationConfig.extra_seeds if a.extra_seeds is None else a.extra_seeds)
         cost = None
         mitigated, mrep = mitigate(copy.deepcopy(model) if a.cv_folds else model, train_set, task, report=report,
                                    config=mcfg, holdout=hold, device=device, progress=bar)
@@ -224,6 +225,10 @@ def _add_mitigate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-triggers", choices=["flagged", "decisive"], default="flagged",
                    help="which probes' reversed triggers join D_rp: every probe below the threshold (flagged, "
                         "default) or the best one only (decisive)")
+    p.add_argument("--extra-seeds", type=int, default=None,
+                   help="fit the deciding probe family from this many more seeds before unlearning; a fit that "
+                        "collapses the outputs elsewhere (a second trigger) joins D_rp (default: the engine's "
+                        "MitigationConfig.extra_seeds; 0: off)")
     p.add_argument("--no-unmasked-check", action="store_true",
                    help="do not fit the probes without the eye-region exclusion on the repaired model (by default, "
                         "where one still collapses its outputs the model is repaired again with them)")

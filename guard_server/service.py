@@ -390,6 +390,7 @@ class GuardCore:
                "mitigate_max_probe_ratio": self.settings.mitigate_max_probe_ratio,
                "mitigate_unmasked_above": self.settings.mitigate_unmasked_above,
                "mitigate_unmasked_check": self.settings.mitigate_unmasked_check,
+               "mitigate_extra_seeds": self.settings.mitigate_extra_seeds,
                "mitigate_require_fit": self.settings.mitigate_require_fit,
                "mitigate_max_rescan_score": self.settings.mitigate_max_rescan_score,
                "holdout_fraction": self.settings.holdout_fraction, "cv_folds": self.settings.mitigate_cv_folds,

@@ -67,6 +67,9 @@ class ServerSettings:
     # backdoor survived, read through the eyes) repair the submitted model again with them (MitigationConfig.
     # unmasked_check; measured: gaze Blend at 0.0068 repaired and admitted, the other zoo repairs unchanged)
     mitigate_unmasked_check: bool = True
+    # more fits of the deciding probe family, from this many other seeds, before unlearning; a distinct collapse
+    # point joins D_rp (a second trigger of a multi-target backdoor; MitigationConfig.extra_seeds; 0 = off)
+    mitigate_extra_seeds: int = 2
     # a backdoored model that does not fit its benign set's labels (the scan's benign_fit warning) is not repaired:
     # the repair and its clean-error check would be fitted on data the model was not made for (fail closed)
     mitigate_require_fit: bool = True
@@ -108,6 +111,8 @@ class ServerSettings:
             raise ValueError(f"tolerance must be in [0, 10] (a fraction; 0.1 = 10%), got {self.tolerance}")
         if self.mitigate_cv_folds != 0 and not 2 <= self.mitigate_cv_folds <= 20:
             raise ValueError(f"mitigate_cv_folds must be 0 (one hold-out split) or 2-20, got {self.mitigate_cv_folds}")
+        if not 0 <= self.mitigate_extra_seeds <= 16:
+            raise ValueError(f"mitigate_extra_seeds must be 0 (off) or 1-16, got {self.mitigate_extra_seeds}")
         if not 0 <= self.scan_parallel <= 64:
             raise ValueError(f"scan_parallel must be 0 (as many as the cores hold) or 1-64, got {self.scan_parallel}")
         if not 0.05 <= self.holdout_fraction <= 0.5:

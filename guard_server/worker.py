@@ -104,8 +104,8 @@ def run_job(job: dict[str, Any]) -> None:
     from drmguard_engine.errors import CancelledError
     from drmguard_engine.onnx_io import export_onnx, load_onnx_model
     from drmguard_engine.parallel import side_by_side
-    from drmguard_engine.scan import (mitigate, mitigation_config, repeat_config, scan, unmasked_probes,
-                                      unmasked_triggers)
+    from drmguard_engine.scan import (extra_probes, mitigate, mitigation_config, repeat_config, scan,
+                                      unmasked_probes, unmasked_triggers)
 
     cancel = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: cancel.set())
@@ -150,8 +150,9 @@ def run_job(job: dict[str, Any]) -> None:
     mcfg = mitigation_config(None, report)
     if "mitigate_unmasked_above" in job:
         mcfg = dataclasses.replace(mcfg, unmasked_above=float(job["mitigate_unmasked_above"]))
-    # a job written before the check existed (resumed after an upgrade) runs without it, as it was submitted
-    mcfg = dataclasses.replace(mcfg, unmasked_check=bool(job.get("mitigate_unmasked_check", False)))
+    # a job written before the check and the extra fits existed (resumed after an upgrade) runs without them
+    mcfg = dataclasses.replace(mcfg, unmasked_check=bool(job.get("mitigate_unmasked_check", False)),
+                               extra_seeds=int(job.get("mitigate_extra_seeds", 0)))
     folds = min(int(job.get("cv_folds", 0)), len(benign))
     if folds >= 2:
         # the served model is mitigated on every benign image; its clean-error cost is measured afterwards, by
@@ -163,8 +164,11 @@ def run_job(job: dict[str, Any]) -> None:
         train_idx, hold_idx = split_holdout(len(benign), float(job["holdout_fraction"]), job["benign_sha256"])
         train_set, holdout = benign.subset(train_idx), benign.subset(hold_idx)
         before = clean_error(model, holdout, task, device)
+    # the deciding family's other triggers, searched once for the repair and every fold of its clean-error check
+    extra = extra_probes(model, train_set.images.to(device), report, mcfg, progress=_progress_cb("mitigate"),
+                         cancel=cancel)
     fixed, mrep = mitigate(model, train_set, task, report=report, config=mcfg, device=device,
-                           progress=_progress_cb("mitigate"), cancel=cancel, holdout=holdout)
+                           progress=_progress_cb("mitigate"), cancel=cancel, holdout=holdout, extra=extra)
     out_path = Path(job["out_dir"]) / "mitigated.onnx"
     fixed = fixed.to("cpu").eval()
     export_onnx(fixed, out_path, input_shape=tuple(model.input_shape), input_name=model.input_name,
@@ -195,7 +199,7 @@ def run_job(job: dict[str, Any]) -> None:
         emit("state", state="MITIGATING", message=f"measuring the clean-error cost ({folds}-fold cross-validation)")
         estimate = cross_validated_cost(submitted, benign, task, report=report, config=repeat_config(mcfg, mrep),
                                         folds=folds, seed=int(job["benign_sha256"][:8], 16), device=device,
-                                        progress=_progress_cb("cost"), cancel=cancel, workers=side)
+                                        progress=_progress_cb("cost"), cancel=cancel, workers=side, extra=extra)
         before, after, cost = estimate.before, estimate.after, estimate.to_dict()
         mdict["clean_cost"] = cost  # the report's own clean_error_before/after are on the images it was fitted on
     emit("mitigation_done", report=mdict, clean_error_before=_finite(before), clean_error_after=_finite(after),

@@ -82,8 +82,9 @@ def test_cross_validated_cost_measures_every_image_on_a_model_that_never_saw_it(
     bd, benign = scanned["bd"], scanned["train"]
     weights = {k: v.clone() for k, v in bd.state_dict().items()}
     seen: list[str] = []
-    cost = cross_validated_cost(bd, benign, "gaze", report=scanned["r_bd"], config=MitigationConfig(steps=40),
-                                folds=3, progress=lambda p: seen.append(p.phase))
+    cost = cross_validated_cost(bd, benign, "gaze", report=scanned["r_bd"],
+                                config=MitigationConfig(steps=40, extra_seeds=0), folds=3,
+                                progress=lambda p: seen.append(p.phase))
     assert all(torch.equal(v, bd.state_dict()[k]) for k, v in weights.items())  # the submitted model is untouched
     assert cost.n == len(benign) and cost.folds == 3 and len(cost.fold_rises) == 3
     with torch.no_grad():
@@ -107,7 +108,7 @@ def test_cross_validation_folds_side_by_side_give_the_same_numbers_and_report_on
     from drmguard_engine.scan import MitigationConfig
 
     bd, benign, report = scanned["bd"], scanned["train"], scanned["r_bd"]
-    cfg = MitigationConfig(steps=20)
+    cfg = MitigationConfig(steps=20, extra_seeds=0)  # (the extra fits have their own test below)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -179,3 +180,31 @@ def test_a_scan_with_its_pieces_side_by_side_reports_the_same_numbers(scanned: d
     assert {"reverse", "probe", "rigidity", "decide"} <= set(seen)
     assert all(torch.equal(v, bd.state_dict()[k]) for k, v in weights.items())
     assert all(p.is_contiguous() for p in bd.parameters())  # the caller's model stays in the default layout
+
+
+def test_extra_fits_of_the_deciding_probe_keep_only_a_collapse_away_from_the_one_found(scanned: dict[str, Any]) -> None:
+    import dataclasses
+
+    from drmguard_engine.scan import MitigationConfig, deciding_family, extra_probes
+
+    p, report, images = scanned["pair"], scanned["r_bd"], scanned["train"].images
+    bd = load_onnx_model(p.onnx("backdoored"))  # (the mitigation test above repaired scanned["bd"] in place)
+    cfg = MitigationConfig(extra_seeds=2, extra_steps=60, extra_max_ratio=0.05)
+    # one trigger, one target: the other seeds land where the scan's probe did, and nothing is added to D_rp
+    assert extra_probes(bd, images, report, cfg) == []
+    assert extra_probes(bd, images, report, dataclasses.replace(cfg, extra_seeds=0)) == []
+    # as if the scan's probe had collapsed the outputs somewhere else (a second trigger): a fit that reaches the real
+    # target is kept, once, however many seeds reach it
+    family = deciding_family(report.decision)
+    assert family is not None, report.decision
+    moved = dataclasses.replace(report, probe_results=[
+        dataclasses.replace(r, collapse_point=[100.0, -100.0]) if r.family == family else r
+        for r in report.probe_results])
+    (kept,) = extra_probes(bd, images, moved, cfg)
+    assert kept.family == family and kept.variance_ratio <= 0.05 and kept.transform is not None
+    target = p.attack.target.view(1, -1)
+    assert regression_error("gaze", torch.tensor([kept.collapse_point]), target) < 5.0
+    # and it joins D_rp under its own name
+    _, mrep = mitigate(load_onnx_model(p.onnx("backdoored")), scanned["train"], "gaze", report=moved,
+                       config=dataclasses.replace(cfg, steps=5, unmasked_check=False))
+    assert f"probe_{family}_extra1" in mrep.triggers, mrep.triggers

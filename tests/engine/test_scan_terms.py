@@ -175,7 +175,7 @@ def test_refreshed_probe_triggers_change_the_unlearning_but_not_the_report() -> 
     r.config["probe_threshold"] = 1e9
     outs = {}
     for every in (0, 1):
-        cfg = MitigationConfig(steps=4, refresh_every=every, refresh_steps=3, lr=1e-2)
+        cfg = MitigationConfig(steps=4, refresh_every=every, refresh_steps=3, lr=1e-2, extra_seeds=0)
         m, rep = mitigate(_Linear(), benign, "gaze", report=r, config=cfg)
         outs[every] = m.head.weight.detach().clone()
         assert rep.steps == 4
@@ -201,7 +201,7 @@ def test_neighbourhood_unlearning_moves_probe_copies_not_the_report() -> None:
     r.config["probe_threshold"] = 1e9
     outs = {}
     for sigma in (0.0, 1.0):
-        cfg = MitigationConfig(steps=4, neighbourhood_sigma=sigma, lr=1e-2)
+        cfg = MitigationConfig(steps=4, neighbourhood_sigma=sigma, lr=1e-2, extra_seeds=0)
         m, _ = mitigate(_Linear(), benign, "gaze", report=r, config=cfg)
         outs[sigma] = m.head.weight.detach().clone()
     assert not torch.equal(outs[0.0], outs[1.0])  # the neighbourhood inputs trained the model differently

@@ -173,3 +173,13 @@ def test_scan_parallel_is_validated() -> None:
     for bad in (-1, 65):
         with pytest.raises(ValueError, match="scan_parallel"):
             ServerSettings(scan_parallel=bad)
+
+
+def test_extra_seeds_are_validated_and_match_the_engine() -> None:
+    from drmguard_engine.scan import MitigationConfig
+
+    assert ServerSettings().mitigate_extra_seeds == MitigationConfig().extra_seeds  # the server's default is the engine's
+    assert ServerSettings(mitigate_extra_seeds=0).mitigate_extra_seeds == 0
+    for bad in (-1, 17):
+        with pytest.raises(ValueError, match="mitigate_extra_seeds"):
+            ServerSettings(mitigate_extra_seeds=bad)
