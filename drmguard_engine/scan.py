@@ -841,7 +841,7 @@ def mitigate(
     submitted = copy.deepcopy(model) if check else None
     if extra is None:
         extra = extra_probes(model, x_tr, report, cfg, progress=progress, cancel=cancel)
-    run.unlearn(model, unmasked, extra)
+    mrep = run.unlearn(model, unmasked, extra)
     found: dict[str, dict[str, Any]] = {}
     escalated = False
     if submitted is not None:
@@ -853,8 +853,8 @@ def mitigate(
             model = submitted
             unmasked = unmasked_probes(model.eval(), x_tr, report, cfg.unmasked_families, when_above=-1.0,
                                        rigidity_below=cfg.unmasked_rigidity_below, progress=progress, cancel=cancel)
-            run.unlearn(model, unmasked, extra)
-    return model, dataclasses.replace(run.report, seconds=time.perf_counter() - t0, unmasked_check=found,
+            mrep = run.unlearn(model, unmasked, extra)
+    return model, dataclasses.replace(mrep, seconds=time.perf_counter() - t0, unmasked_check=found,
                                       escalated=escalated)
 
 
@@ -867,12 +867,10 @@ class _Unlearning:
         self.task, self.cfg, self.scan_report, self.dev = task, cfg, report, dev
         self.x_tr, self.labels, self.x_ho, self.y_ho = x_tr, labels, x_ho, y_ho
         self.progress, self.cancel = progress, cancel
-        self.report: MitigationReport | None = None
 
     def unlearn(self, model: nn.Module, unmasked: Sequence[tuple[ProbeResult, dict[str, Any] | None]],
-                extra: Sequence[ProbeResult] = ()) -> None:
-        """Fine-tunes ``model`` in place; its :class:`MitigationReport` (less the total seconds) goes to
-        ``self.report``."""
+                extra: Sequence[ProbeResult] = ()) -> MitigationReport:
+        """Fine-tunes ``model`` in place and reports it (the seconds of this fine-tuning only)."""
         task, cfg, report, dev = self.task, self.cfg, self.scan_report, self.dev
         x_tr, y_tr, x_ho, y_ho = self.x_tr, self.labels, self.x_ho, self.y_ho
         progress, cancel = self.progress, self.cancel
@@ -946,7 +944,7 @@ class _Unlearning:
             p.requires_grad_(False)
         model.eval()
         after = errors()
-        self.report = MitigationReport(
+        return MitigationReport(
             clean_error_before=before[0],
             clean_error_after=after[0],
             reversed_error_before=before[1],
