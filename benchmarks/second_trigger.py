@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.scan_tables import benign_set  # noqa: E402
 from drmguard_engine.attacks import load_attack  # noqa: E402
+from drmguard_engine.cli import parse_overrides  # noqa: E402
 from drmguard_engine.defenses.probes import run_probes  # noqa: E402
 from drmguard_engine.onnx_io import load_onnx_model  # noqa: E402
 from drmguard_engine.scan import get_profile  # noqa: E402
@@ -43,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = json.loads((a.zoo_model / "meta.json").read_text())
     task, benign = meta["task"], benign_set(meta["task"], int(meta["size"]), 400, 777)
     attack = load_attack(a.zoo_model / "attack.npz")
-    cfg = get_profile("default", task).probes.replace(**{k: type(getattr(get_profile("default", task).probes, k))(v)
-                                                          for k, v in (kv.split("=", 1) for kv in a.set)})
+    cfg = get_profile("default", task).probes.replace(**parse_overrides(a.set))
     models = [("submitted", a.zoo_model / "model.onnx")] + ([("mitigated", a.mitigated)] if a.mitigated else [])
     for name, path in models:
         model = load_onnx_model(path).eval()

@@ -38,13 +38,14 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.zoo_repairs import backdoored_models  # noqa: E402
 from drmguard_engine.clean_cost import cross_validated_cost  # noqa: E402
+from drmguard_engine.cli import parse_overrides  # noqa: E402
 from drmguard_engine.parallel import side_by_side  # noqa: E402
 from drmguard_engine.scan import MitigationConfig, mitigate, mitigation_config, repeat_config  # noqa: E402
 from drmguard_engine.training import evaluate  # noqa: E402
 
 
 def _config(setting: str, base: MitigationConfig, overrides: list[str]) -> MitigationConfig:
-    fields = {k: type(getattr(base, k))(v) for k, v in (kv.split("=", 1) for kv in overrides)}
+    fields = parse_overrides(overrides, "--mitigation")
     if setting == "check":
         return dataclasses.replace(base, unmasked_check=True, **fields)
     return dataclasses.replace(base, unmasked_above=float(setting), unmasked_check=False, **fields)
